@@ -1,0 +1,44 @@
+"""Triton helpers shared by the prefix-attention kernels.
+
+Nothing here knows about ptv2_fast: only ``triton`` is imported.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def dropout_keep(seed, offset, bh, rows, cols, dropout_p):
+    """Counter-based keep mask for attention dropout.
+
+    One Philox draw per attention entry, keyed by (seed, offset, b * Hq + h, i, j), where i is the query
+    row and j the column of the *concatenated* key axis (prefix columns 0..P-1, then sequence columns
+    P..P+S-1). Because the key is the coordinate and not a running counter, the backward kernels replay
+    exactly the mask of the forward, in any block order, and a test can rebuild it element by element.
+
+    ``rows`` and ``cols`` are int32 tensors that broadcast against each other ([M, 1] and [1, N], or
+    transposed); the result has their broadcast shape and is True where the entry is kept.
+    """
+    c0 = cols + rows * 0
+    c1 = rows + cols * 0
+    c2 = c0 * 0 + bh
+    c3 = c0 * 0 + offset
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def load_tile(ptr, offs_r, offs_d, stride_r, stride_d, n_rows, n_dim, UPCAST: tl.constexpr):
+    """Load a [R, D] tile at rows ``offs_r`` (masked to ``n_rows``) and columns ``offs_d`` (masked to ``n_dim``).
+
+    Out-of-range elements read as 0 so they add nothing to any dot product. ``UPCAST`` converts to fp32
+    right after the load: the Triton CPU interpreter computes bf16 arithmetic wrongly, so it must never see it.
+    """
+    mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < n_dim)
+    x = tl.load(ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x

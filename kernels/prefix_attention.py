@@ -1,0 +1,231 @@
+"""Launchers of the prefix-attention kernels: tensors in, tensors out. Imports torch and triton only.
+
+Shapes (any strides): q [B, Hq, L, D]; k, v [B, Hkv, S, D]; prefix_k, prefix_v [T, Hkv, P, D];
+prefix_index [B] int or None; prefix_lens [T] int or None; kv_lens [B] int or None;
+key_padding_mask [B, S] bool or None. Inputs are assumed valid (the caller checks them); the kernels
+still clamp every index and length they read.
+"""
+
+import os
+
+import torch
+import triton
+
+from .prefix_attention_bwd import (
+    prefix_attention_bwd_dkdv_prefix_kernel,
+    prefix_attention_bwd_dkdv_seq_kernel,
+    prefix_attention_bwd_dq_kernel,
+    prefix_attention_bwd_preprocess_kernel,
+)
+from .prefix_attention_fwd import prefix_attention_fwd_kernel
+from .common import LOG2E
+from .dropout import prefix_attention_dropout_mask_kernel
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _config(kind: str, L: int, N: int, D: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a kernel kind ("fwd", "dq", "dkdv").
+
+    The interpreter runs one program at a time, so it gets the largest blocks the shape allows. On a GPU
+    the blocks shrink with the head dim to stay inside registers and shared memory; tl.dot needs >= 16.
+    """
+    if _interpreting():
+        bm = min(128, max(16, triton.next_power_of_2(L)))
+        bn = min(128, max(16, triton.next_power_of_2(N)))
+        return bm, bn, 4, 1
+    bd = _block_d(D)
+    if kind == "fwd":
+        if bd <= 64:
+            return 128, 64, 4, 3
+        if bd <= 128:
+            return 128, 64, 8, 2
+        return 64, 32, 8, 2
+    if kind == "dq":
+        if bd <= 64:
+            return 128, 32, 4, 2
+        if bd <= 128:
+            return 64, 32, 4, 2
+        return 32, 32, 4, 1
+    # dkdv: rows are keys (BLOCK_N), the loop walks query blocks (BLOCK_M).
+    if bd <= 64:
+        return 32, 128, 4, 2
+    if bd <= 128:
+        return 32, 64, 4, 2
+    return 16, 32, 4, 1
+
+
+def _flags(q: torch.Tensor):
+    upcast = _interpreting() and q.dtype == torch.bfloat16
+    dot_prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
+    return upcast, dot_prec
+
+
+def _opt(x: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    # Triton needs a pointer even for an absent optional input; the constexpr flag keeps it unread.
+    return x if x is not None else like
+
+
+def _kpm_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor):
+    if key_padding_mask is None:
+        return like, 0, 0
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
+    return kpm, kpm.stride(0), kpm.stride(1)
+
+
+def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                         causal: bool, scale: float, dropout_p: float, seed: int, rng_offset: int):
+    """Returns (out [B, Hq, L, D] in q's dtype, lse [B, Hq, L] fp32)."""
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    T, P = prefix_k.shape[0], prefix_k.shape[2]
+    out = torch.empty((B, Hq, L, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    if B * Hq * L == 0:
+        return out, lse
+    bm, bn, warps, stages = _config("fwd", L, max(S, P), D)
+    upcast, dot_prec = _flags(q)
+    kpm, skpm_b, skpm_n = _kpm_arg(key_padding_mask, lse)
+    grid = (triton.cdiv(L, bm), B * Hq)
+    prefix_attention_fwd_kernel[grid](
+        q, k, v, prefix_k, prefix_v, _opt(prefix_index, lse), _opt(prefix_lens, lse), _opt(kv_lens, lse), kpm,
+        out, lse,
+        scale * LOG2E, dropout_p, seed, rng_offset,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *out.stride(),
+        skpm_b, skpm_n,
+        Hq, L, S, T, P, D, Hq // Hkv,
+        HAS_PIDX=prefix_index is not None, HAS_PLENS=prefix_lens is not None,
+        HAS_KVLENS=kv_lens is not None, HAS_KPM=key_padding_mask is not None,
+        CAUSAL=causal, DROPOUT=dropout_p > 0.0, UPCAST=upcast, DOT_PREC=dot_prec,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _rows_by_task(prefix_index, B: int, T: int, device):
+    """Batch rows grouped by task: (order [B], start [T], count [T]) int32, computed without a host sync."""
+    if prefix_index is None:
+        order = torch.arange(B, dtype=torch.int32, device=device)
+        count = torch.tensor([B], dtype=torch.int32, device=device)
+        return order, torch.zeros(1, dtype=torch.int32, device=device), count
+    idx = prefix_index.long().clamp(0, T - 1)  # the same clamp the forward kernel applies
+    order = torch.argsort(idx, stable=True).to(torch.int32)
+    count = torch.bincount(idx, minlength=T)
+    start = (torch.cumsum(count, 0) - count).to(torch.int32)
+    return order, start, count.to(torch.int32)
+
+
+def _prefix_splits(B: int, T: int, Hkv: int, P: int, bn: int, device) -> int:
+    """How many row splits the prefix-gradient kernel uses: enough programs to fill the GPU, never more
+    than a few rows' worth, and 1 in the interpreter or when the grid is already large."""
+    env = os.environ.get("PTV2_FAST_PREFIX_SPLITS")
+    if env:
+        return max(1, min(int(env), B))
+    if _interpreting() or device.type != "cuda":
+        return 1
+    programs = triton.cdiv(P, bn) * T * Hkv
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    rows_per_task = max(1, B // T)
+    return max(1, min(triton.cdiv(2 * sms, max(programs, 1)), rows_per_task // 2, 16))
+
+
+def prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
+                         key_padding_mask, out, lse, causal: bool, scale: float, dropout_p: float,
+                         seed: int, rng_offset: int):
+    """Returns (dq, dk, dv, dprefix_k, dprefix_v) shaped and typed like the inputs (dprefix as [T, Hkv, P, D])."""
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    T, P = prefix_k.shape[0], prefix_k.shape[2]
+    dev = q.device
+    dq = torch.empty((B, Hq, L, D), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=dev)
+    if B * Hq * L == 0:
+        return (dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v))
+    upcast, dot_prec = _flags(q)
+    bd = _block_d(D)
+    group = Hq // Hkv
+    drop = dropout_p > 0.0
+    kpm, skpm_b, skpm_n = _kpm_arg(key_padding_mask, lse)
+
+    delta = torch.empty_like(lse)
+    pre_bm = 64
+    prefix_attention_bwd_preprocess_kernel[(triton.cdiv(L, pre_bm), B * Hq)](
+        out, dout, _opt(dlse, lse), delta, *out.stride(), *dout.stride(), Hq, L, D,
+        HAS_DLSE=dlse is not None, BLOCK_M=pre_bm, BLOCK_D=bd,
+    )
+
+    bm, bn, warps, stages = _config("dq", L, max(S, P), D)
+    prefix_attention_bwd_dq_kernel[(triton.cdiv(L, bm), B * Hq)](
+        q, k, v, prefix_k, prefix_v, _opt(prefix_index, lse), _opt(prefix_lens, lse), _opt(kv_lens, lse), kpm,
+        dout, lse, delta, dq,
+        scale * LOG2E, scale, dropout_p, seed, rng_offset,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
+        *dq.stride(), skpm_b, skpm_n,
+        Hq, L, S, T, P, D, group,
+        HAS_PIDX=prefix_index is not None, HAS_PLENS=prefix_lens is not None,
+        HAS_KVLENS=kv_lens is not None, HAS_KPM=key_padding_mask is not None,
+        CAUSAL=causal, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
+    )
+
+    bm, bn, warps, stages = _config("dkdv", L, S, D)
+    if S > 0:
+        prefix_attention_bwd_dkdv_seq_kernel[(triton.cdiv(S, bn), B * Hkv)](
+            q, k, v, _opt(kv_lens, lse), kpm, dout, lse, delta, dk, dv,
+            scale * LOG2E, scale, dropout_p, seed, rng_offset,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            skpm_b, skpm_n,
+            Hq, Hkv, L, S, P, D, group,
+            HAS_KVLENS=kv_lens is not None, HAS_KPM=key_padding_mask is not None,
+            CAUSAL=causal, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
+        )
+
+    if P == 0:
+        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    bm, bn, warps, stages = _config("dkdv", L, P, D)
+    nsplit = _prefix_splits(B, T, Hkv, P, bn, dev)
+    order, start, count = _rows_by_task(prefix_index, B, T, dev)
+    if nsplit == 1:
+        dpk = torch.empty((1, T, Hkv, P, D), dtype=prefix_k.dtype, device=dev)
+        dpv = torch.empty((1, T, Hkv, P, D), dtype=prefix_v.dtype, device=dev)
+    else:
+        dpk = torch.empty((nsplit, T, Hkv, P, D), dtype=torch.float32, device=dev)
+        dpv = torch.empty((nsplit, T, Hkv, P, D), dtype=torch.float32, device=dev)
+    prefix_attention_bwd_dkdv_prefix_kernel[(triton.cdiv(P, bn), T * Hkv, nsplit)](
+        q, prefix_k, prefix_v, _opt(prefix_lens, lse), order, start, count, dout, lse, delta, dpk, dpv,
+        scale * LOG2E, scale, dropout_p, seed, rng_offset,
+        *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *dpk.stride()[:4],
+        Hq, Hkv, L, S, T, P, D, group, nsplit,
+        HAS_PLENS=prefix_lens is not None, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
+    )
+    if nsplit == 1:
+        return dq, dk, dv, dpk[0], dpv[0]
+    # A fixed-order sum over a handful of splits: deterministic, and far smaller than a B-fold buffer.
+    return dq, dk, dv, dpk.sum(0).to(prefix_k.dtype), dpv.sum(0).to(prefix_v.dtype)
+
+
+def prefix_attention_dropout_mask(B: int, Hq: int, L: int, S: int, P: int, dropout_p: float, seed: int,
+                                  rng_offset: int, device) -> torch.Tensor:
+    """The keep mask the kernels apply, as bool [B, Hq, L, P + S] over the concatenated key axis.
+
+    For tests and the reference: materialises what the fused kernels never store.
+    """
+    keep = torch.empty((B, Hq, L, P + S), dtype=torch.int8, device=device)
+    if keep.numel() == 0:
+        return keep.bool()
+    n = P + S
+    bm = min(64, max(16, triton.next_power_of_2(L)))
+    bn = min(128, max(16, triton.next_power_of_2(n)))
+    prefix_attention_dropout_mask_kernel[(triton.cdiv(L, bm), triton.cdiv(n, bn), B * Hq)](
+        keep, dropout_p, seed, rng_offset, L, n, BLOCK_M=bm, BLOCK_N=bn,
+    )
+    return keep.bool()

@@ -1,0 +1,294 @@
+"""Backward kernels of prefix attention.
+
+With p_ij = exp(s_ij - lse_i) recomputed from the saved lse, z_ij the replayed dropout keep mask and
+r = 1 / (1 - dropout_p):
+
+    dv_j  = sum_i  p_ij z_ij r  do_i
+    dp_ij = z_ij r  (do_i . v_j)
+    ds_ij = p_ij (dp_ij - delta_i),      delta_i = do_i . out_i - dlse_i
+    dq_i  = scale sum_j ds_ij k_j,       dk_j = scale sum_i ds_ij q_i
+
+Three kernels, none with atomics, so results are bitwise deterministic:
+  * dq:            one program per (query block, b, h), looping over the prefix then the sequence;
+  * sequence dk/dv: one program per (key block, b, hk), looping over the GROUP query heads of hk (the
+                   GQA reduction) and the query blocks that can see the key block;
+  * prefix dk/dv:  one program per (prefix block, task t, hk, split), looping over the batch rows of
+                   task t (rows pre-sorted by task), their query heads and all query blocks. The gradient
+                   of a bank row is thus reduced inside the kernel: no [B, Hkv, P, D] buffer exists.
+                   Optional splits over the rows write fp32 partials summed afterwards in a fixed order.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import LOG2E, dropout_keep, load_tile
+
+
+@triton.jit
+def prefix_attention_bwd_preprocess_kernel(
+    OUT, DOUT, DLSE, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    Hq, L, D,
+    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d do[b, h, i, d] * out[b, h, i, d] - dlse[b, h, i]   (fp32). Grid (cdiv(L, BLOCK_M), B*Hq)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = load_tile(OUT + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, L, D, True)
+    do = load_tile(DOUT + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, L, D, True)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k, v, visible, keep, qk_scale, dropout_scale,
+             DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    if DROPOUT:
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+
+
+@triton.jit
+def prefix_attention_bwd_dq_kernel(
+    Q, K, V, PK, PV, PIDX, PLENS, KVLENS, KPM, DOUT, LSE, DELTA, DQ,
+    qk_scale, sm_scale, dropout_p, seed, rng_offset,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_kpmb, stride_kpmn,
+    Hq, L, S, T, P, D, GROUP,
+    HAS_PIDX: tl.constexpr, HAS_PLENS: tl.constexpr, HAS_KVLENS: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid: (cdiv(L, BLOCK_M), B * Hq). Writes DQ [B, Hq, L, D]."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    t = pid_m * 0
+    if HAS_PIDX:
+        t = tl.minimum(tl.maximum(tl.load(PIDX + b).to(tl.int32), 0), T - 1)
+    plen = t * 0 + P
+    if HAS_PLENS:
+        plen = tl.minimum(tl.maximum(tl.load(PLENS + t).to(tl.int32), 0), P)
+    kv_end = t * 0 + S
+    if HAS_KVLENS:
+        kv_end = tl.minimum(tl.maximum(tl.load(KVLENS + b).to(tl.int32), 0), S)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < L
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, L, D, UPCAST)
+    do = load_tile(DOUT + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, L, D, UPCAST)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dropout_scale = 1.0 / (1.0 - dropout_p)
+    keep = row_ok[:, None]
+
+    pk_base = PK + t.to(tl.int64) * stride_pkt + hk * stride_pkh
+    pv_base = PV + t.to(tl.int64) * stride_pvt + hk * stride_pvh
+    for start_n in range(0, plen, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = load_tile(pk_base, offs_n, offs_d, stride_pkn, stride_pkd, plen, D, UPCAST)
+        v = load_tile(pv_base, offs_n, offs_d, stride_pvn, stride_pvd, plen, D, UPCAST)
+        visible = row_ok[:, None] & (offs_n[None, :] < plen)
+        if DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, visible, keep, qk_scale, dropout_scale, DROPOUT, DOT_PREC)
+
+    n_end = kv_end
+    if CAUSAL:
+        n_end = tl.minimum(n_end, tl.maximum((pid_m + 1) * BLOCK_M + S - L, 0))
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    for start_n in range(0, n_end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, n_end, D, UPCAST)
+        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, n_end, D, UPCAST)
+        visible = row_ok[:, None] & (offs_n[None, :] < n_end)
+        if HAS_KPM:
+            kpm = tl.load(KPM + b * stride_kpmb + offs_n * stride_kpmn, mask=offs_n < n_end, other=0)
+            visible = visible & (kpm != 0)[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + (S - L))
+        if DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], P + offs_n[None, :], dropout_p)
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, visible, keep, qk_scale, dropout_scale, DROPOUT, DOT_PREC)
+
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dkdv_query_block(dk, dv, k, v, Q, DOUT, LSE, DELTA, bh, offs_n, col0, start_m, key_ok,
+                      stride_qm, stride_qd, stride_dom, stride_dod,
+                      qk_scale, dropout_p, dropout_scale, seed, rng_offset, L, S, D,
+                      CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Transposed formulation: rows are keys [N], columns are queries [M], so dk/dv accumulate with one dot each.
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < L
+    q = load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, L, D, UPCAST)
+    do = load_tile(DOUT, offs_m, offs_d, stride_dom, stride_dod, L, D, UPCAST)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+    visible = key_ok[:, None] & row_ok[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[:, None] <= offs_m[None, :] + (S - L))
+    p_t = tl.where(visible, tl.exp2(s_t - lse2[None, :]), 0.0)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    pd_t = p_t
+    if DROPOUT:
+        keep_t = dropout_keep(seed, rng_offset, bh, offs_m[None, :], col0 + offs_n[:, None], dropout_p)
+        pd_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
+        dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+    dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def prefix_attention_bwd_dkdv_seq_kernel(
+    Q, K, V, KVLENS, KPM, DOUT, LSE, DELTA, DK, DV,
+    qk_scale, sm_scale, dropout_p, seed, rng_offset,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_kpmb, stride_kpmn,
+    Hq, Hkv, L, S, P, D, GROUP,
+    HAS_KVLENS: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid: (cdiv(S, BLOCK_N), B * Hkv). Writes DK, DV [B, Hkv, S, D] (GQA heads reduced in-program)."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // Hkv).to(tl.int64)
+    hk = (bhk % Hkv).to(tl.int64)
+    kv_end = pid_n * 0 + S
+    if HAS_KVLENS:
+        kv_end = tl.minimum(tl.maximum(tl.load(KVLENS + b).to(tl.int32), 0), S)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < kv_end
+    if HAS_KPM:
+        kpm = tl.load(KPM + b * stride_kpmb + offs_n * stride_kpmn, mask=key_ok, other=0)
+        key_ok = key_ok & (kpm != 0)
+    k = load_tile(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, stride_kd, kv_end, D, UPCAST)
+    v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_d, stride_vn, stride_vd, kv_end, D, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dropout_scale = 1.0 / (1.0 - dropout_p)
+
+    m_begin = 0
+    if CAUSAL:
+        # Key j is seen by queries i >= j - (S - L); start at the block holding the first of them.
+        m_begin = tl.maximum(pid_n * BLOCK_N - (S - L), 0) // BLOCK_M * BLOCK_M
+    # A key block that is all padding gets gradient 0 without visiting any query.
+    m_stop = tl.where(pid_n * BLOCK_N >= kv_end, 0, L)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = (b * Hq + h).to(tl.int32)
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DOUT + b * stride_dob + h * stride_doh
+        for start_m in range(m_begin, m_stop, BLOCK_M):
+            dk, dv = _dkdv_query_block(
+                dk, dv, k, v, q_base, do_base, LSE, DELTA, bh, offs_n, P, start_m, key_ok,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                qk_scale, dropout_p, dropout_scale, seed, rng_offset, L, S, D,
+                CAUSAL, DROPOUT, UPCAST, DOT_PREC, BLOCK_M, BLOCK_D)
+
+    mask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def prefix_attention_bwd_dkdv_prefix_kernel(
+    Q, PK, PV, PLENS, ROW_ORDER, ROW_START, ROW_COUNT, DOUT, LSE, DELTA, DPK, DPV,
+    qk_scale, sm_scale, dropout_p, seed, rng_offset,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_ds, stride_dt, stride_dh, stride_dn,
+    Hq, Hkv, L, S, T, P, D, GROUP, NSPLIT,
+    HAS_PLENS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid: (cdiv(P, BLOCK_N), T * Hkv, NSPLIT).
+
+    DPK/DPV are [NSPLIT, T, Hkv, P, D] with unit stride over D (the caller sums the split axis when
+    NSPLIT > 1). The rows of task t are ROW_ORDER[ROW_START[t] : ROW_START[t] + ROW_COUNT[t]]; split s
+    takes an equal contiguous share of them. Unused bank rows and columns past prefix_lens[t] get 0.
+    """
+    pid_n = tl.program_id(0)
+    thk = tl.program_id(1)
+    split = tl.program_id(2)
+    t = thk // Hkv
+    hk = (thk % Hkv).to(tl.int64)
+    plen = t * 0 + P
+    if HAS_PLENS:
+        plen = tl.minimum(tl.maximum(tl.load(PLENS + t).to(tl.int32), 0), P)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < plen
+    t64 = t.to(tl.int64)
+    k = load_tile(PK + t64 * stride_pkt + hk * stride_pkh, offs_n, offs_d, stride_pkn, stride_pkd, plen, D, UPCAST)
+    v = load_tile(PV + t64 * stride_pvt + hk * stride_pvh, offs_n, offs_d, stride_pvn, stride_pvd, plen, D, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dropout_scale = 1.0 / (1.0 - dropout_p)
+
+    row_start = tl.load(ROW_START + t)
+    row_count = tl.load(ROW_COUNT + t)
+    share = (row_count + NSPLIT - 1) // NSPLIT
+    r_begin = row_start + tl.minimum(split * share, row_count)
+    r_end = row_start + tl.minimum((split + 1) * share, row_count)
+    # A block past the task's prefix length is visible to no query: gradient 0 without visiting any row.
+    r_end = tl.where(pid_n * BLOCK_N >= plen, r_begin, r_end)
+    for r in range(r_begin, r_end):
+        b = tl.load(ROW_ORDER + r).to(tl.int64)
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            bh = (b * Hq + h).to(tl.int32)
+            q_base = Q + b * stride_qb + h * stride_qh
+            do_base = DOUT + b * stride_dob + h * stride_doh
+            for start_m in range(0, L, BLOCK_M):
+                dk, dv = _dkdv_query_block(
+                    dk, dv, k, v, q_base, do_base, LSE, DELTA, bh, offs_n, 0, start_m, key_ok,
+                    stride_qm, stride_qd, stride_dom, stride_dod,
+                    qk_scale, dropout_p, dropout_scale, seed, rng_offset, L, S, D,
+                    False, DROPOUT, UPCAST, DOT_PREC, BLOCK_M, BLOCK_D)
+
+    mask = (offs_n[:, None] < P) & (offs_d[None, :] < D)
+    base = split.to(tl.int64) * stride_ds + t64 * stride_dt + hk * stride_dh
+    tl.store(DPK + base + offs_n[:, None] * stride_dn + offs_d[None, :], (dk * sm_scale).to(DPK.dtype.element_ty), mask=mask)
+    tl.store(DPV + base + offs_n[:, None] * stride_dn + offs_d[None, :], dv.to(DPV.dtype.element_ty), mask=mask)

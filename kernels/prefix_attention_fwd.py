@@ -1,0 +1,129 @@
+"""Forward kernel of prefix attention: one launch, two key/value stages, one online softmax.
+
+For batch row b, query head h (kv head hk = h // GROUP), task t = prefix_index[b]:
+
+    s_j   = scale * q_i . k_j            over keys  [prefix_k[t, hk, :plen_t] ; k[b, hk, :S]]
+    m_i   = max_j s_j                    (visible j only: prefix j < plen_t; sequence j allowed by
+                                          kv_lens / key_padding_mask / bottom-right causal)
+    p_ij  = exp(s_j - m_i),  l_i = sum_j p_ij
+    out_i = sum_j dropout(p_ij) v_j / l_i,   lse_i = m_i + log(l_i)
+
+The prefix is read straight from bank row t (no gather, no copy) and the running (m, l, acc) state is
+carried from the prefix stage into the sequence stage, so the concatenation never exists. Scores are kept
+in the log2 domain (scale * log2(e) folded into s) so the kernel uses exp2. A row that sees no key keeps
+m = -inf, l = 0 and is written as out = 0, lse = -inf.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import LN2, dropout_keep, load_tile
+
+
+@triton.jit
+def _online_softmax_step(acc, l_i, m_i, s, v, keep, dropout_scale,
+                         DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    # s: [M, N] log2-domain scores with invisible entries at -inf.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible yet has m_new = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DROPOUT:
+        p = tl.where(keep, p * dropout_scale, 0.0)
+    acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def prefix_attention_fwd_kernel(
+    Q, K, V, PK, PV, PIDX, PLENS, KVLENS, KPM, OUT, LSE,
+    qk_scale, dropout_p, seed, rng_offset,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_kpmb, stride_kpmn,
+    Hq, L, S, T, P, D, GROUP,
+    HAS_PIDX: tl.constexpr, HAS_PLENS: tl.constexpr, HAS_KVLENS: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid: (cdiv(L, BLOCK_M), B * Hq). Writes OUT [B, Hq, L, D] and LSE [B, Hq, L] (fp32, natural log)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // GROUP
+
+    # Indices and lengths are clamped so that unchecked input can never read outside a tensor.
+    t = pid_m * 0
+    if HAS_PIDX:
+        t = tl.minimum(tl.maximum(tl.load(PIDX + b).to(tl.int32), 0), T - 1)
+    plen = t * 0 + P
+    if HAS_PLENS:
+        plen = tl.minimum(tl.maximum(tl.load(PLENS + t).to(tl.int32), 0), P)
+    kv_end = t * 0 + S
+    if HAS_KVLENS:
+        kv_end = tl.minimum(tl.maximum(tl.load(KVLENS + b).to(tl.int32), 0), S)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < L
+
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, L, D, UPCAST)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dropout_scale = 1.0 / (1.0 - dropout_p)
+    keep = row_ok[:, None]  # replaced when DROPOUT
+
+    # Stage 1: the task's prefix, straight from its bank row.
+    pk_base = PK + t.to(tl.int64) * stride_pkt + hk * stride_pkh
+    pv_base = PV + t.to(tl.int64) * stride_pvt + hk * stride_pvh
+    for start_n in range(0, plen, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = load_tile(pk_base, offs_n, offs_d, stride_pkn, stride_pkd, plen, D, UPCAST)
+        v = load_tile(pv_base, offs_n, offs_d, stride_pvn, stride_pvd, plen, D, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        visible = row_ok[:, None] & (offs_n[None, :] < plen)
+        s = tl.where(visible, s, float("-inf"))
+        if DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, keep, dropout_scale, DROPOUT, DOT_PREC)
+
+    # Stage 2: the sequence, with padding and bottom-right causal masks.
+    n_end = kv_end
+    if CAUSAL:
+        # Query i sees sequence key j iff j <= i + S - L; no key past the block's last query is needed.
+        n_end = tl.minimum(n_end, tl.maximum((pid_m + 1) * BLOCK_M + S - L, 0))
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    for start_n in range(0, n_end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, n_end, D, UPCAST)
+        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, n_end, D, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        visible = row_ok[:, None] & (offs_n[None, :] < n_end)
+        if HAS_KPM:
+            kpm = tl.load(KPM + b * stride_kpmb + offs_n * stride_kpmn, mask=offs_n < n_end, other=0)
+            visible = visible & (kpm != 0)[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + (S - L))
+        s = tl.where(visible, s, float("-inf"))
+        if DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], P + offs_n[None, :], dropout_p)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, keep, dropout_scale, DROPOUT, DOT_PREC)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)

@@ -1,0 +1,13 @@
+"""ptv2_fast: fused P-Tuning v2 prefix attention over a bank of per-task prefixes.
+
+Public API: ``prefix_attention``, ``merge_attention_states``; the concatenating spec lives in
+``ptv2_fast.reference``; Triton kernels in ``ptv2_fast.kernels`` (imported lazily, only when used).
+"""
+
+from . import reference
+from .attention import merge_attention_states, prefix_attention
+from .ops.backends import BackendUnavailable
+
+__version__ = "0.1.0"
+
+__all__ = ["prefix_attention", "merge_attention_states", "reference", "BackendUnavailable", "__version__"]

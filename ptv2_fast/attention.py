@@ -1,0 +1,85 @@
+"""Public prefix-attention functions: ``prefix_attention`` and ``merge_attention_states``."""
+
+from __future__ import annotations
+
+import torch
+
+from .ops import backends, checks
+from .ops.prefix_attention import prefix_attention_op
+
+
+def _as_bank(x):
+    return x.unsqueeze(0) if isinstance(x, torch.Tensor) and x.dim() == 3 else x
+
+
+def _draw_rng_key() -> tuple[int, int]:
+    # Drawn from torch's default CPU generator: torch.manual_seed makes dropout reproducible, no GPU sync.
+    key = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
+    return int(key[0]), int(key[1])
+
+
+def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
+                     key_padding_mask=None, causal=False, scale=None, dropout_p=0.0, return_lse=False,
+                     backend="auto"):
+    """Attention over ``[prefix ; sequence]`` keys/values without materialising the concatenation.
+
+    Args:
+        q: [B, Hq, L, D] queries (any strides, e.g. a [B, L, Hq, D] tensor transposed).
+        k, v: [B, Hkv, S, D] sequence keys/values; ``Hq % Hkv == 0`` (GQA/MQA, K/V never repeated).
+        prefix_k, prefix_v: [T, Hkv, P, D], a bank of T task prefixes, or [Hkv, P, D] for one shared prefix.
+        prefix_index: [B] int32/int64, the bank row of each batch row; None means row 0 (requires T == 1).
+        prefix_lens: [T] int, valid prefix length per task (default P); columns past it are invisible.
+        kv_lens: [B] int, valid sequence keys per row, keys [0, kv_lens[b]) (right padding).
+        key_padding_mask: [B, S] bool, True = attend; any pattern. Exclusive with ``kv_lens``.
+        causal: causal over the sequence part, bottom-right aligned: query i sees sequence key
+            j <= i + S - L. The prefix is always visible.
+        scale: softmax scale, default D ** -0.5.
+        dropout_p: attention dropout probability in [0, 1); the mask is drawn from torch's default
+            generator (``torch.manual_seed`` makes it reproducible) and replayed exactly in backward.
+        return_lse: also return lse [B, Hq, L] float32 (natural log; -inf for a row that sees no key).
+        backend: "auto" (Triton on CUDA tensors, the reference on CPU tensors), "triton", "cuda", "cpp"
+            or "reference".
+
+    Returns:
+        out [B, Hq, L, D] in q's dtype, or (out, lse) with ``return_lse``. A query that sees no key at
+        all gets out = 0 and lse = -inf, never NaN. Gradients flow to q, k, v, prefix_k and prefix_v; the
+        bank's gradient sums the rows that share a task and is 0 for unused rows.
+    """
+    pk, pv = _as_bank(prefix_k), _as_bank(prefix_v)
+    checks.check_shapes(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask, dropout_p, scale)
+    T, P, S = pk.shape[0], pk.shape[2], k.shape[2]
+    if not torch.compiler.is_compiling():
+        checks.check_values(prefix_index, prefix_lens, kv_lens, T, P, S)
+    name = backends.resolve(backend, q.device)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    dropout_p = float(dropout_p)
+    seed, rng_offset = _draw_rng_key() if dropout_p > 0.0 else (0, 0)
+    out, lse = prefix_attention_op(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                                   bool(causal), scale, dropout_p, seed, rng_offset, name)
+    return (out, lse) if return_lse else out
+
+
+def merge_attention_states(o_a, lse_a, o_b, lse_b):
+    """Exactly combine two attention results over disjoint key sets.
+
+    Args:
+        o_a, o_b: [..., L, D] attention outputs, each normalised over its own keys.
+        lse_a, lse_b: [..., L] their log-sum-exps (natural log; -inf where a part saw no key).
+
+    Returns:
+        (o [..., L, D] in o_a's dtype, lse [..., L] float32, or float64 for float64 inputs): the attention
+        over the union of the key sets.
+        Differentiable in both outputs; rows where both parts are empty give o = 0, lse = -inf, and
+        finite gradients.
+    """
+    wdt = torch.promote_types(o_a.dtype, torch.float32)
+    la, lb = lse_a.to(wdt), lse_b.to(wdt)
+    m = torch.maximum(la, lb).detach()  # cancels exactly; detached so autograd never sees -inf - -inf
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(la - m), torch.exp(lb - m)
+    total = wa + wb
+    empty = total == 0
+    safe = torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(total, float("-inf")), m + torch.log(safe))
+    o = (wa / safe)[..., None] * o_a.to(wdt) + (wb / safe)[..., None] * o_b.to(wdt)
+    return o.to(o_a.dtype), lse

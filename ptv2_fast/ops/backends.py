@@ -1,0 +1,133 @@
+"""Backends of the prefix-attention op and how ``backend="auto"`` chooses among them.
+
+A backend provides ``fwd(...) -> (out, lse)`` and ``bwd(...) -> (dq, dk, dv, dprefix_k, dprefix_v)`` with
+the argument lists of ``ptv2_fast.kernels.prefix_attention_fwd`` / ``prefix_attention_bwd``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import reference
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (not installed, not built, or wrong device)."""
+
+
+def _triton_kernels():
+    try:
+        from .. import kernels
+    except ImportError as e:  # triton missing or broken
+        raise BackendUnavailable(f"backend='triton' needs a working triton install ({e})") from e
+    return kernels
+
+
+def triton_usable(device: torch.device) -> bool:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    try:
+        _triton_kernels()
+    except BackendUnavailable:
+        return False
+    return device.type in ("cuda", "cpu")
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend name for a request, or a clear error when it cannot run on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and triton_usable(device):
+            return "triton"
+        return "reference"
+    if backend == "triton":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise BackendUnavailable(
+                "backend='triton' on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 in the "
+                "environment before ptv2_fast's kernels are first used, or use backend='auto'")
+        if device.type not in ("cuda", "cpu"):
+            raise BackendUnavailable(f"backend='triton' does not run on {device.type} tensors")
+        _triton_kernels()
+        return "triton"
+    if backend in ("cuda", "cpp"):
+        raise BackendUnavailable(f"backend={backend!r}: the C++/CUDA extension is not part of this build yet")
+    return "reference"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reference backend: the concatenating torch path, in float32 or wider, dropout from a seeded torch generator.
+
+def _ref_dropout_mask(q, S, P, dropout_p, seed, rng_offset):
+    if dropout_p <= 0.0:
+        return None
+    g = torch.Generator(device=q.device)
+    g.manual_seed((seed * 1_000_003 + rng_offset) % (2**63 - 1))
+    B, Hq, L, _ = q.shape
+    return torch.rand((B, Hq, L, P + S), generator=g, device=q.device) >= dropout_p
+
+
+def _ref_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                 causal, scale, dropout_p, seed, rng_offset):
+    mask = _ref_dropout_mask(q, k.shape[2], prefix_k.shape[2], dropout_p, seed, rng_offset)
+    return reference.prefix_attention_ref(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
+        key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_mask=mask,
+        dropout_p=dropout_p, return_lse=True, compute_dtype=torch.promote_types(q.dtype, torch.float32))
+
+
+def ref_fwd(*args):
+    out, lse = _ref_forward(*args)
+    return out.contiguous(), lse.contiguous()
+
+
+def ref_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+            out, lse, causal, scale, dropout_p, seed, rng_offset):
+    # Closed-form gradients over the concatenated keys (the op runs below autograd, so no autograd.grad here).
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    T, P = prefix_k.shape[0], prefix_k.shape[2]
+    group = Hq // Hkv
+    idx = prefix_index.long() if prefix_index is not None else torch.zeros(B, dtype=torch.long, device=q.device)
+    keys = torch.cat([prefix_k[idx], k], dim=2).to(cdt).repeat_interleave(group, dim=1)
+    values = torch.cat([prefix_v[idx], v], dim=2).to(cdt).repeat_interleave(group, dim=1)
+    qc, doc = q.to(cdt), dout.to(cdt)
+    vis = reference.visible_keys(B, L, S, P, prefix_index=prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
+                                 key_padding_mask=key_padding_mask, causal=causal, device=q.device)[:, None]
+    lse_c = lse.to(cdt)[..., None]
+    scores = torch.matmul(qc, keys.transpose(-1, -2)) * scale
+    probs = torch.where(vis, torch.exp(scores - torch.where(torch.isinf(lse_c), 0.0, lse_c)), 0.0)
+    dp = torch.matmul(doc, values.transpose(-1, -2))
+    pd = probs
+    mask = _ref_dropout_mask(q, S, P, dropout_p, seed, rng_offset)
+    if mask is not None:
+        dp = dp * mask / (1.0 - dropout_p)
+        pd = probs * mask / (1.0 - dropout_p)
+    delta = (doc * out.to(cdt)).sum(-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - torch.where(torch.isinf(lse_c), 0.0, dlse.to(cdt)[..., None])
+    ds = probs * (dp - delta)
+    dq = torch.matmul(ds, keys) * scale
+    dkeys = (torch.matmul(ds.transpose(-1, -2), qc) * scale).unflatten(1, (Hkv, group)).sum(2)
+    dvalues = torch.matmul(pd.transpose(-1, -2), doc).unflatten(1, (Hkv, group)).sum(2)
+    dpk = torch.zeros((T, Hkv, P, D), dtype=cdt, device=q.device).index_add_(0, idx, dkeys[:, :, :P])
+    dpv = torch.zeros((T, Hkv, P, D), dtype=cdt, device=q.device).index_add_(0, idx, dvalues[:, :, :P])
+    return (dq.to(q.dtype), dkeys[:, :, P:].to(k.dtype), dvalues[:, :, P:].to(v.dtype),
+            dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype))
+
+
+def triton_fwd(*args):
+    return _triton_kernels().prefix_attention_fwd(*args)
+
+
+def triton_bwd(*args):
+    return _triton_kernels().prefix_attention_bwd(*args)
+
+
+FWD = {"reference": ref_fwd, "triton": triton_fwd}
+BWD = {"reference": ref_bwd, "triton": triton_bwd}

@@ -1,0 +1,94 @@
+"""Input validation for prefix attention: every bad input becomes a clear exception naming the argument."""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _need(cond: bool, msg: str, exc=ValueError):
+    if not cond:
+        raise exc(msg)
+
+
+def _check_int_vector(name: str, x, n: int, n_name: str, device):
+    if x is None:
+        return
+    _need(isinstance(x, torch.Tensor), f"{name} must be a torch.Tensor or None, got {type(x).__name__}", TypeError)
+    _need(x.dtype in _INT_DTYPES, f"{name} must be int32 or int64, got {x.dtype}", TypeError)
+    _need(x.dim() == 1 and x.shape[0] == n, f"{name} must have shape [{n_name}] = [{n}], got {list(x.shape)}")
+    _need(x.device == device, f"{name} is on {x.device} but q is on {device}")
+
+
+def check_shapes(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                 dropout_p: float, scale) -> None:
+    """Static checks (no device sync): types, ranks, shapes, dtypes, devices, head dim, dropout_p."""
+    names = ("q", "k", "v", "prefix_k", "prefix_v")
+    for name, x in zip(names, (q, k, v, prefix_k, prefix_v)):
+        _need(isinstance(x, torch.Tensor), f"{name} must be a torch.Tensor, got {type(x).__name__}", TypeError)
+    for name, x in zip(names[:3], (q, k, v)):
+        _need(x.dim() == 4, f"{name} must be 4-D [B, H, len, D], got shape {list(x.shape)}")
+    for name, x in zip(names[3:], (prefix_k, prefix_v)):
+        _need(x.dim() == 4, f"{name} must be [T, Hkv, P, D] or [Hkv, P, D], got shape {list(x.shape)}")
+    _need(q.dtype in SUPPORTED_DTYPES, f"q has unsupported dtype {q.dtype}; use float16, bfloat16 or float32", TypeError)
+    for name, x in zip(names[1:], (k, v, prefix_k, prefix_v)):
+        _need(x.dtype == q.dtype, f"{name} has dtype {x.dtype} but q has {q.dtype}", TypeError)
+        _need(x.device == q.device, f"{name} is on {x.device} but q is on {q.device}")
+
+    B, Hq, L, D = q.shape
+    _, Hkv, S, _ = k.shape
+    T, _, P, _ = prefix_k.shape
+    _need(MIN_HEAD_DIM <= D <= MAX_HEAD_DIM,
+          f"head dim D={D} (q.shape[-1]) is unsupported: it must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+    _need(k.shape[0] == B, f"k has batch {k.shape[0]} but q has batch {B}")
+    _need(k.shape[3] == D, f"k has head dim {k.shape[3]} but q has {D}")
+    _need(tuple(v.shape) == tuple(k.shape), f"v has shape {list(v.shape)} but k has {list(k.shape)}")
+    _need(Hkv > 0 and Hq % Hkv == 0,
+          f"q has {Hq} heads, which is not a multiple of the {Hkv} key/value heads of k (Hq % Hkv must be 0)")
+    _need(prefix_k.shape[1] == Hkv, f"prefix_k has {prefix_k.shape[1]} heads but k has {Hkv}")
+    _need(prefix_k.shape[3] == D, f"prefix_k has head dim {prefix_k.shape[3]} but q has {D}")
+    _need(tuple(prefix_v.shape) == tuple(prefix_k.shape),
+          f"prefix_v has shape {list(prefix_v.shape)} but prefix_k has {list(prefix_k.shape)}")
+    _need(T >= 1, "the prefix bank prefix_k must have at least one task row (T >= 1)")
+
+    if prefix_index is None:
+        _need(T == 1, f"prefix_index is None but the bank has T={T} task rows; pass prefix_index [B]")
+    _check_int_vector("prefix_index", prefix_index, B, "B", q.device)
+    _check_int_vector("prefix_lens", prefix_lens, T, "T", q.device)
+    _check_int_vector("kv_lens", kv_lens, B, "B", q.device)
+    if key_padding_mask is not None:
+        _need(kv_lens is None, "pass either kv_lens or key_padding_mask, not both")
+        _need(isinstance(key_padding_mask, torch.Tensor), "key_padding_mask must be a torch.Tensor", TypeError)
+        _need(key_padding_mask.dtype == torch.bool,
+              f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}", TypeError)
+        _need(tuple(key_padding_mask.shape) == (B, S),
+              f"key_padding_mask must have shape [B, S] = [{B}, {S}], got {list(key_padding_mask.shape)}")
+        _need(key_padding_mask.device == q.device, f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    _need(isinstance(dropout_p, (int, float)) and 0.0 <= float(dropout_p) < 1.0,
+          f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if scale is not None:
+        _need(isinstance(scale, (int, float)) and float(scale) > 0.0 and float(scale) != float("inf"),
+              f"scale must be a positive finite float or None, got {scale!r}")
+
+
+def check_values(prefix_index, prefix_lens, kv_lens, T: int, P: int, S: int) -> None:
+    """Range checks on index/length tensors; one host sync for all of them together."""
+    tests, msgs = [], []
+    if prefix_index is not None and prefix_index.numel():
+        tests += [(prefix_index < 0).any() | (prefix_index >= T).any()]
+        msgs += [f"prefix_index has values outside [0, T) = [0, {T})"]
+    if prefix_lens is not None and prefix_lens.numel():
+        tests += [(prefix_lens < 0).any() | (prefix_lens > P).any()]
+        msgs += [f"prefix_lens has values outside [0, P] = [0, {P}]"]
+    if kv_lens is not None and kv_lens.numel():
+        tests += [(kv_lens < 0).any() | (kv_lens > S).any()]
+        msgs += [f"kv_lens has values outside [0, S] = [0, {S}]"]
+    if not tests:
+        return
+    bad = torch.stack(tests).cpu().tolist()
+    for is_bad, msg in zip(bad, msgs):
+        if is_bad:
+            raise ValueError(msg)

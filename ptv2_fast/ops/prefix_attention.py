@@ -1,0 +1,76 @@
+"""``torch.ops.ptv2_fast.prefix_attention``: the custom op, its fake (meta) implementation and its autograd.
+
+The op takes the bank already in [T, Hkv, P, D] form and a concrete backend name; argument handling and
+validation live in the public ``ptv2_fast.prefix_attention``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+
+@torch.library.custom_op("ptv2_fast::prefix_attention", mutates_args=())
+def prefix_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+    prefix_index: Optional[Tensor], prefix_lens: Optional[Tensor], kv_lens: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
+    seed: int, rng_offset: int, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """out [B, Hq, L, D] (q's dtype), lse [B, Hq, L] float32."""
+    return backends.FWD[backend](q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
+                                 key_padding_mask, causal, scale, dropout_p, seed, rng_offset)
+
+
+@prefix_attention_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
+      dropout_p, seed, rng_offset, backend):
+    B, Hq, L, D = q.shape
+    return q.new_empty((B, Hq, L, D)), q.new_empty((B, Hq, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("ptv2_fast::prefix_attention_backward", mutates_args=())
+def prefix_attention_backward_op(
+    dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+    prefix_index: Optional[Tensor], prefix_lens: Optional[Tensor], kv_lens: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool, scale: float,
+    dropout_p: float, seed: int, rng_offset: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dprefix_k, dprefix_v), each shaped and typed like its input."""
+    grads = backends.BWD[backend](dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
+                                  key_padding_mask, out, lse, causal, scale, dropout_p, seed, rng_offset)
+    # A custom op's outputs may not alias each other or its inputs.
+    return tuple(g.contiguous() if g._base is None else g.clone() for g in grads)
+
+
+@prefix_attention_backward_op.register_fake
+def _(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, out, lse,
+      causal, scale, dropout_p, seed, rng_offset, backend):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, prefix_k, prefix_v))
+
+
+_TENSOR_ARGS = 9  # q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:_TENSOR_ARGS], *output)
+    ctx.params = inputs[_TENSOR_ARGS:]
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, pk, pv, pidx, plens, kvl, kpm, out, lse = ctx.saved_tensors
+    causal, scale, dropout_p, seed, rng_offset, backend = ctx.params
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dpk, dpv = prefix_attention_backward_op(
+        dout, dlse, q, k, v, pk, pv, pidx, plens, kvl, kpm, out, lse, causal, scale, dropout_p, seed,
+        rng_offset, backend)
+    return (dq, dk, dv, dpk, dpv) + (None,) * 10
+
+
+prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,89 @@
+"""The plain-torch concatenating reference of prefix attention: the op's specification in code.
+
+It does exactly what P-Tuning v2 and PEFT do — gather the prefix to B rows, concatenate it with the
+sequence keys/values, widen the mask, softmax — so every fused path is checked against it (in float64).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _bank(prefix: torch.Tensor) -> torch.Tensor:
+    return prefix if prefix.dim() == 4 else prefix.unsqueeze(0)
+
+
+def visible_keys(B: int, L: int, S: int, P: int, *, prefix_index=None, prefix_lens=None, kv_lens=None,
+                 key_padding_mask=None, causal=False, device=None) -> torch.Tensor:
+    """Bool [B, L, P + S]: which entry of the concatenated key axis query i of row b may attend to."""
+    idx = prefix_index.long() if prefix_index is not None else torch.zeros(B, dtype=torch.long, device=device)
+    j = torch.arange(P + S, device=device)
+    if prefix_lens is not None:
+        plen = prefix_lens.long()[idx]
+    else:
+        plen = torch.full((B,), P, dtype=torch.long, device=device)
+    vis_prefix = j[None, :P] < plen[:, None]  # [B, P]
+    vis_seq = torch.ones(B, S, dtype=torch.bool, device=device)
+    if kv_lens is not None:
+        vis_seq &= j[None, :S] < kv_lens.long()[:, None]
+    if key_padding_mask is not None:
+        vis_seq &= key_padding_mask.bool()
+    vis = torch.cat([vis_prefix, vis_seq], dim=1)[:, None, :].expand(B, L, P + S).clone()
+    if causal:
+        i = torch.arange(L, device=device)
+        allowed = j[None, :S] <= i[:, None] + (S - L)  # bottom-right aligned, sequence part only
+        vis[:, :, P:] &= allowed[None]
+    return vis
+
+
+def prefix_attention_ref(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
+                         key_padding_mask=None, causal=False, scale=None, dropout_mask=None, dropout_p=0.0,
+                         return_lse=False, compute_dtype=None):
+    """Concatenating prefix attention.
+
+    Shapes as ``ptv2_fast.prefix_attention``: q [B, Hq, L, D]; k, v [B, Hkv, S, D]; prefix_k, prefix_v
+    [T, Hkv, P, D] or [Hkv, P, D]. ``dropout_mask`` (bool [B, Hq, L, P + S], True = keep) applies
+    attention dropout with probability ``dropout_p``. Matmuls run in ``compute_dtype`` (default: q's dtype),
+    the softmax in at least float32. Returns out [B, Hq, L, D] in q's dtype (and lse [B, Hq, L] float32
+    when ``return_lse``); a query with no visible key gives out = 0, lse = -inf.
+    """
+    dt = compute_dtype or q.dtype
+    pk, pv = _bank(prefix_k), _bank(prefix_v)
+    B, Hq, L, D = q.shape
+    Hkv, S, P = k.shape[1], k.shape[2], pk.shape[2]
+    group = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    idx = prefix_index.long() if prefix_index is not None else torch.zeros(B, dtype=torch.long, device=q.device)
+
+    # The naive path: one copy of the prefix per batch row, concatenated in front of the sequence.
+    keys = torch.cat([pk[idx], k], dim=2).to(dt).repeat_interleave(group, dim=1)
+    values = torch.cat([pv[idx], v], dim=2).to(dt).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(dt), keys.transpose(-1, -2)) * scale
+    vis = visible_keys(B, L, S, P, prefix_index=prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
+                       key_padding_mask=key_padding_mask, causal=causal, device=q.device)[:, None]
+
+    sdt = torch.promote_types(dt, torch.float32)
+    scores = scores.to(sdt).masked_fill(~vis, float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
+    e = torch.exp(scores - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    empty = denom == 0
+    probs = e / torch.where(empty, torch.ones_like(denom), denom)
+    lse = torch.where(empty, torch.full_like(denom, float("-inf")),
+                      m + torch.log(torch.where(empty, torch.ones_like(denom), denom))).squeeze(-1)
+    if dropout_mask is not None and dropout_p > 0.0:
+        probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
+    out = torch.matmul(probs.to(dt), values).to(q.dtype)
+    if return_lse:
+        return out, lse.float()
+    return out
+
+
+def merge_attention_states_ref(o_a, lse_a, o_b, lse_b):
+    """Merge by explicit re-weighting in float64 (for checks)."""
+    lse = torch.logaddexp(lse_a.double(), lse_b.double())
+    w_a = torch.nan_to_num(torch.exp(lse_a.double() - lse))
+    w_b = torch.nan_to_num(torch.exp(lse_b.double() - lse))
+    o = w_a[..., None] * o_a.double() + w_b[..., None] * o_b.double()
+    return o, lse

@@ -1,0 +1,33 @@
+"""Test setup: without a GPU, Triton kernels run in Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before any kernel is defined, i.e. before ptv2_fast.kernels is imported.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def poisoned_outputs():
+    """Fill every fresh torch.empty with NaN, so an output element a kernel forgot to write fails the test."""
+    import torch.utils.deterministic as det
+
+    old_alg, old_fill = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old_alg)
+    det.fill_uninitialized_memory = old_fill
