@@ -155,6 +155,8 @@ def prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, 
     kpm, skpm_b, skpm_n = _kpm_arg(key_padding_mask, lse)
 
     delta = torch.empty_like(lse)
+    if dlse is not None:
+        dlse = dlse.float().contiguous()  # [B, Hq, L]: small; autograd may hand over an expanded view
     pre_bm = 64
     prefix_attention_bwd_preprocess_kernel[(triton.cdiv(L, pre_bm), B * Hq)](
         out, dout, _opt(dlse, lse), delta, *out.stride(), *dout.stride(), Hq, L, D,

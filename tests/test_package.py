@@ -1,0 +1,31 @@
+"""Packaging: the Triton kernels ship as ptv2_fast.kernels, never as a top-level ``kernels`` module."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import ptv2_fast
+
+
+def test_kernels_are_a_subpackage_and_know_nothing_of_ptv2_fast():
+    import ptv2_fast.kernels as k
+
+    assert k.__name__ == "ptv2_fast.kernels"
+    src = pathlib.Path(k.__file__).parent
+    for f in src.glob("*.py"):
+        text = f.read_text()
+        assert "import ptv2_fast" not in text and "from ptv2_fast" not in text, f"{f.name} imports ptv2_fast"
+
+
+def test_no_top_level_kernels_module_is_installed():
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or "ptv2_fast" not in str(spec.origin or "")
+
+
+def test_import_is_light_and_registers_the_op():
+    # Importing ptv2_fast must not import triton or the kernels (they load on first use).
+    code = ("import sys, ptv2_fast, torch; assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert 'ptv2_fast.kernels' not in sys.modules; assert hasattr(torch.ops.ptv2_fast, 'prefix_attention')")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert ptv2_fast.__version__
