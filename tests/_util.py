@@ -10,6 +10,9 @@ import torch
 import ptv2_fast
 from ptv2_fast.reference import prefix_attention_ref
 
+# The device the suite runs on: the GPU when there is one, else the CPU with Triton's interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # Absolute floor of the error rule, relative to the reference's magnitude: err <= 2 * err_naive + FLOOR * (1 + |ref|max)
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3, torch.float64: 1e-10}
 
@@ -44,7 +47,7 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous()
 
 
-def make_problem(case: Case, device="cpu"):
+def make_problem(case: Case, device=DEVICE):
     """Fresh random inputs (seeded per case so a failure reproduces), with repeated and unused bank rows,
     fully padded rows and short prefixes where the case asks for them."""
     g = torch.Generator().manual_seed(zlib.crc32(case.id().encode()))
@@ -123,7 +126,7 @@ def assert_rule(name, got, truth, naive, dtype):
     assert err <= 2 * base + floor, f"{name}: error {err:.3e} > 2 * naive {base:.3e} + floor {floor:.3e}"
 
 
-def check_case(case: Case, device="cpu", backend="triton"):
+def check_case(case: Case, device=DEVICE, backend="triton"):
     tensors, idx, kw, dout, dlse = make_problem(case, device)
     out, lse, grads = run_op(tensors, idx, kw, dout, dlse, backend=backend)
     t_out, t_lse, t_grads = run_ref(tensors, idx, kw, dout, dlse, torch.float64)

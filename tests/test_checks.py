@@ -88,11 +88,12 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
 def test_unchecked_input_is_clamped_inside_the_kernels():
     # Straight to the launcher, bypassing every check: out-of-range indices and lengths must be clamped,
     # never read outside a tensor; the result equals the reference on the clamped values.
+    from _util import DEVICE
     from ptv2_fast.kernels import prefix_attention_fwd
     from ptv2_fast.reference import prefix_attention_ref
 
-    a = _args(prefix_index=torch.tensor([7, -3]))
-    plens, kvl = torch.tensor([P + 5, -1, 2]), torch.tensor([S + 9, -4])
+    a = {n: x.to(DEVICE) for n, x in _args(prefix_index=torch.tensor([7, -3])).items()}
+    plens, kvl = torch.tensor([P + 5, -1, 2], device=DEVICE), torch.tensor([S + 9, -4], device=DEVICE)
     out, lse = prefix_attention_fwd(a["q"], a["k"], a["v"], a["prefix_k"], a["prefix_v"], a["prefix_index"], plens,
                                     kvl, None, False, D ** -0.5, 0.0, 0, 0)
     ref, ref_lse = prefix_attention_ref(a["q"], a["k"], a["v"], a["prefix_k"], a["prefix_v"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ptv2_fast
-from _util import Case, assert_rule, make_problem, run_op, run_ref
+from _util import DEVICE, Case, assert_rule, make_problem, run_op, run_ref
 from ptv2_fast.attention import _draw_rng_key
 from ptv2_fast.kernels import prefix_attention_dropout_mask
 
@@ -17,7 +17,7 @@ def _op_mask(case: Case, torch_seed: int):
     """The keep mask [B, Hq, L, P + S] the op uses right after torch.manual_seed(torch_seed) (test-only view)."""
     torch.manual_seed(torch_seed)
     seed, offset = _draw_rng_key()
-    return prefix_attention_dropout_mask(case.B, case.Hq, case.L, case.S, case.P, P_DROP, seed, offset, "cpu")
+    return prefix_attention_dropout_mask(case.B, case.Hq, case.L, case.S, case.P, P_DROP, seed, offset, DEVICE)
 
 
 def test_reproducible_for_a_seed_and_different_across_seeds():

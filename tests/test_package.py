@@ -29,3 +29,16 @@ def test_import_is_light_and_registers_the_op():
             "assert 'ptv2_fast.kernels' not in sys.modules; assert hasattr(torch.ops.ptv2_fast, 'prefix_attention')")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert ptv2_fast.__version__
+
+
+def test_built_wheel_ships_kernels_inside_ptv2_fast(tmp_path):
+    import zipfile
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(root)], check=True)
+    (wheel,) = tmp_path.glob("ptv2_fast-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "ptv2_fast/kernels/prefix_attention_fwd.py" in names
+    assert "ptv2_fast/kernels/__init__.py" in names
+    assert not any(n.startswith("kernels/") for n in names), "a top-level kernels package would shadow PyPI's"

@@ -9,7 +9,7 @@ views — as a covering set of combinations rather than the full product (the in
 import pytest
 import torch
 
-from _util import Case, check_case
+from _util import DEVICE, Case, check_case
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -34,29 +34,45 @@ BASE_CASES = [
     # L > S with causal: early queries see no sequence key, only the prefix
     Case(L=29, S=17, P=7, T=3, causal=True, Hkv=2),
     Case(L=29, S=17, P=0, T=1, causal=True, mask="kpm"),
+    # a P-Tuning v2 NLU-like shape (padded, non-causal) and a GQA decoder-like one, scaled down
+    Case(B=4, Hq=4, Hkv=4, L=97, S=97, P=64, T=3, D=64, mask="kpm", plens=True),
+    Case(B=2, Hq=8, Hkv=2, L=64, S=80, P=7, T=3, D=128, causal=True, mask="kv_lens", layout="blhd"),
+    # one sequence key only, and many tasks with one row each
+    Case(B=3, L=1, S=1, P=1, T=3, Hkv=4, D=64),
+    Case(B=6, L=5, S=9, P=7, T=3, Hkv=2, mask="kpm", plens=True),
 ]
 
-CASES = (
-    [pytest.param(c, id=c.id()) for c in BASE_CASES]
-    + [pytest.param(Case(**{**c.__dict__, "dtype": dt}), id=Case(**{**c.__dict__, "dtype": dt}).id())
-       for dt in (F16, BF16) for c in BASE_CASES[::2]]
-)
+CASES = [pytest.param(c, id=c.id()) for c in (Case(**{**b.__dict__, "dtype": dt})
+                                               for dt in (F32, F16, BF16) for b in BASE_CASES)]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_matches_fp64_reference(case, poisoned_outputs):
-    check_case(case, device="cpu", backend="triton")
+    # On a machine without a GPU this runs Triton's interpreter on the CPU; with one, the real kernels.
+    check_case(case, backend="triton")
 
 
 @pytest.mark.parametrize("case", [pytest.param(Case(P=7, T=3, Hkv=2, mask="kv_lens", causal=True), id="gqa2-causal")])
 def test_reference_backend_matches_too(case):
     # backend="reference" goes through the same custom op and its recomputing backward.
-    check_case(case, device="cpu", backend="reference")
+    check_case(case, backend="reference")
+
+
+# Larger shapes for the GPU: several blocks along every axis with the GPU block configurations, and the
+# extreme head dims (too slow for the interpreter).
+GPU_ONLY_CASES = [
+    Case(B=4, Hq=16, Hkv=16, L=256, S=256, P=64, T=3, D=64, mask="kpm", plens=True),
+    Case(B=2, Hq=8, Hkv=2, L=300, S=1000, P=128, T=3, D=128, causal=True, mask="kv_lens", layout="blhd"),
+    Case(B=2, Hq=4, Hkv=1, L=129, S=190, P=33, T=2, D=256, causal=True),
+    Case(B=3, Hq=4, Hkv=2, L=1, S=700, P=128, T=3, D=128, mask="kv_lens"),
+    Case(B=3, Hq=2, Hkv=2, L=70, S=70, P=224, T=3, D=16, mask="kpm"),
+    Case(B=2, Hq=6, Hkv=3, L=200, S=200, P=7, T=1, D=80, causal=True, bank3d=True),
+]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("base", [pytest.param(c, id=c.id()) for c in BASE_CASES])
+@pytest.mark.parametrize("base", [pytest.param(c, id=c.id()) for c in BASE_CASES + GPU_ONLY_CASES])
 def test_gpu_matches_fp64_reference(base, dtype, poisoned_outputs):
     check_case(Case(**{**base.__dict__, "dtype": dtype}), device="cuda", backend="triton")
 
@@ -67,11 +83,11 @@ def test_prefix_gradient_sums_rows_of_a_task_and_zeroes_unused_rows():
 
     g = torch.Generator().manual_seed(7)
     B, H, L, S, P, T, D = 3, 2, 5, 6, 4, 3, 16
-    q = torch.randn(B, H, L, D, generator=g)
-    k, v = torch.randn(B, H, S, D, generator=g), torch.randn(B, H, S, D, generator=g)
-    pk = torch.randn(T, H, P, D, generator=g, requires_grad=True)
-    pv = torch.randn(T, H, P, D, generator=g, requires_grad=True)
-    idx = torch.tensor([1, 2, 1])
+    q = torch.randn(B, H, L, D, generator=g).to(DEVICE)
+    k, v = torch.randn(B, H, S, D, generator=g).to(DEVICE), torch.randn(B, H, S, D, generator=g).to(DEVICE)
+    pk = torch.randn(T, H, P, D, generator=g).to(DEVICE).requires_grad_()
+    pv = torch.randn(T, H, P, D, generator=g).to(DEVICE).requires_grad_()
+    idx = torch.tensor([1, 2, 1], device=DEVICE)
     out = prefix_attention(q, k, v, pk, pv, idx, backend="triton")
     gk, gv = torch.autograd.grad(out.square().sum(), (pk, pv))
     assert torch.all(gk[0] == 0) and torch.all(gv[0] == 0)
