@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` (the main job on an embedded default) and `make test`.
+# Both create .venv and install everything they need into it.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Machines with an NVIDIA driver get PyPI's default (CUDA) torch; others the CPU build, torch 2.13.0.
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.11" || echo "torch==2.13.0")
+PYTEST_WORKERS ?= auto
+
+.PHONY: setup demo test bench-gpu lint clean
+
+setup: $(VENV)/.ready
+
+$(VENV)/.ready: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/ptv2-fast bench --quick
+
+test: setup
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
+
+lint: setup
+	$(BIN)/python -m pip install -q ruff
+	$(BIN)/ruff check ptv2_fast kernels benchmarks tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

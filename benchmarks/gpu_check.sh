@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One-shot GPU check: install without dependencies, run the GPU tests (fp32/fp16/bf16) and the op benchmark,
+# writing every log and result into one folder. Stops itself inside the time budget.
+#
+#   benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS=420]
+#
+# For a machine with a GPU and no network whose Python already has torch, triton and pytest.
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS]}
+budget=${2:-420}
+mkdir -p "$out"
+start=$(date +%s)
+left() { echo $(( budget - ($(date +%s) - start) )); }
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  $py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  $py -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -5
+  $py -c "import ptv2_fast; print('ptv2_fast', ptv2_fast.__version__)"
+} > "$out/env.log" 2>&1
+cat "$out/env.log"
+
+# GPU tests: the whole suite runs on the GPU when one is present; -m gpu adds the large shapes.
+timeout $(( $(left) * 55 / 100 )) $py -m pytest -q -x -p no:cacheprovider tests 2>&1 | tail -n 60 > "$out/tests.log"
+echo "tests rc=${PIPESTATUS[0]}" >> "$out/tests.log"
+tail -n 5 "$out/tests.log"
+
+for dtype in bf16 fp16; do
+  [ "$(left)" -gt 30 ] || { echo "budget spent before bench $dtype" | tee -a "$out/bench.log"; break; }
+  timeout $(( $(left) - 15 )) $py -m ptv2_fast.cli bench --preset nlu --dtype "$dtype" --reps 30 --warmup 5 \
+    --json "$out/bench_nlu_$dtype.json" 2>&1 | tee -a "$out/bench.log"
+done
+echo "gpu_check done in $(( $(date +%s) - start )) s" | tee -a "$out/bench.log"
