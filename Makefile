@@ -25,7 +25,6 @@ test: setup
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
 lint: setup
-	$(BIN)/python -m pip install -q ruff
 	$(BIN)/ruff check ptv2_fast kernels benchmarks tests
 
 clean:

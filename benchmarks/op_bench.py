@@ -136,7 +136,10 @@ def environment(device) -> dict:
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "python": platform.python_version(), "torch": torch.__version__, "ptv2_fast": ptv2_fast.__version__}
     dev = torch.device(device)
-    env["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if dev.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(dev)
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     for mod in ("triton", "transformers"):
         try:
             env[mod] = __import__(mod).__version__
@@ -180,7 +183,8 @@ def format_table(result: dict) -> str:
             f"P={s['P']} T={s['T']} D={s['D']} causal={s['causal']} padded={s['padded']}\n"
             f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}\n"
             f"median of {result['reps']} runs after {result['warmup']} warm-up\n")
-    cols = f"{'provider':<22} {'mode':<8} {'ms':>9} {'x naive':>8} {'x sdpa_cat':>10} {'TFLOP/s':>8} {'peak MiB':>9} {'max err':>9}"
+    cols = (f"{'provider':<22} {'mode':<8} {'ms':>9} {'x naive':>8} {'x sdpa_cat':>10} {'TFLOP/s':>8} "
+            f"{'peak MiB':>9} {'max err':>9}")
     lines = [head, cols, "-" * len(cols)]
     for r in result["results"]:
         mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"

@@ -11,6 +11,8 @@ import os
 import torch
 import triton
 
+from .common import LOG2E
+from .dropout import prefix_attention_dropout_mask_kernel
 from .prefix_attention_bwd import (
     prefix_attention_bwd_dkdv_prefix_kernel,
     prefix_attention_bwd_dkdv_seq_kernel,
@@ -18,8 +20,6 @@ from .prefix_attention_bwd import (
     prefix_attention_bwd_preprocess_kernel,
 )
 from .prefix_attention_fwd import prefix_attention_fwd_kernel
-from .common import LOG2E
-from .dropout import prefix_attention_dropout_mask_kernel
 
 
 def _interpreting() -> bool:
@@ -53,17 +53,20 @@ def _config(kind: str, L: int, N: int, D: int):
         if bd <= 128:
             return 64, 32, 4, 2
         return 32, 32, 4, 1
-    # dkdv: rows are keys (BLOCK_N), the loop walks query blocks (BLOCK_M).
+    # dkdv: rows are keys (BLOCK_N), the loop walks query blocks (BLOCK_M); two fp32 [BLOCK_N, D]
+    # accumulators live in registers, so wider heads get more warps.
     if bd <= 64:
         return 32, 128, 4, 2
     if bd <= 128:
-        return 32, 64, 4, 2
-    return 16, 32, 4, 1
+        return 32, 64, 8, 2
+    return 16, 32, 8, 1
 
 
 def _flags(q: torch.Tensor):
     upcast = _interpreting() and q.dtype == torch.bfloat16
-    dot_prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
+    # fp32 inputs must not silently drop to TF32 (the error rule compares with full-precision torch);
+    # 16-bit inputs use the default tensor-core path.
+    dot_prec = "ieee" if q.dtype in (torch.float32, torch.float64) else None
     return upcast, dot_prec
 
 

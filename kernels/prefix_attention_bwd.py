@@ -290,5 +290,6 @@ def prefix_attention_bwd_dkdv_prefix_kernel(
 
     mask = (offs_n[:, None] < P) & (offs_d[None, :] < D)
     base = split.to(tl.int64) * stride_ds + t64 * stride_dt + hk * stride_dh
-    tl.store(DPK + base + offs_n[:, None] * stride_dn + offs_d[None, :], (dk * sm_scale).to(DPK.dtype.element_ty), mask=mask)
-    tl.store(DPV + base + offs_n[:, None] * stride_dn + offs_d[None, :], dv.to(DPV.dtype.element_ty), mask=mask)
+    offs = base + offs_n[:, None] * stride_dn + offs_d[None, :]
+    tl.store(DPK + offs, (dk * sm_scale).to(DPK.dtype.element_ty), mask=mask)
+    tl.store(DPV + offs, dv.to(DPV.dtype.element_ty), mask=mask)

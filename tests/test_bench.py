@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import ptv2_fast
-from _util import Case, make_problem
 from ptv2_fast.benchmarks import baselines, op_bench
 from ptv2_fast.cli import main
 from ptv2_fast.reference import prefix_attention_ref
+
+from _util import Case, make_problem
 
 
 @pytest.mark.parametrize("case", [

@@ -31,8 +31,10 @@ BAD = [
     ("k head dim", dict(k=torch.randn(B, HKV, S, D + 1), v=torch.randn(B, HKV, S, D + 1)), ValueError, "head dim"),
     ("v shape", dict(v=torch.randn(B, HKV, S + 1, D)), ValueError, "v has shape"),
     ("Hq % Hkv", dict(k=torch.randn(B, 3, S, D), v=torch.randn(B, 3, S, D)), ValueError, "Hq % Hkv"),
-    ("prefix heads", dict(prefix_k=torch.randn(T, 1, P, D), prefix_v=torch.randn(T, 1, P, D)), ValueError, "prefix_k has 1 heads"),
-    ("prefix dim", dict(prefix_k=torch.randn(T, HKV, P, 32), prefix_v=torch.randn(T, HKV, P, 32)), ValueError, "prefix_k has head dim"),
+    ("prefix heads", dict(prefix_k=torch.randn(T, 1, P, D), prefix_v=torch.randn(T, 1, P, D)),
+     ValueError, "prefix_k has 1 heads"),
+    ("prefix dim", dict(prefix_k=torch.randn(T, HKV, P, 32), prefix_v=torch.randn(T, HKV, P, 32)),
+     ValueError, "prefix_k has head dim"),
     ("prefix_v shape", dict(prefix_v=torch.randn(T, HKV, P + 1, D)), ValueError, "prefix_v has shape"),
     ("q rank", dict(q=torch.randn(B, L, D)), ValueError, "q must be 4-D"),
     ("bank rank", dict(prefix_k=torch.randn(P, D), prefix_v=torch.randn(P, D)), ValueError, "prefix_k must be"),
@@ -88,9 +90,10 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
 def test_unchecked_input_is_clamped_inside_the_kernels():
     # Straight to the launcher, bypassing every check: out-of-range indices and lengths must be clamped,
     # never read outside a tensor; the result equals the reference on the clamped values.
-    from _util import DEVICE
     from ptv2_fast.kernels import prefix_attention_fwd
     from ptv2_fast.reference import prefix_attention_ref
+
+    from _util import DEVICE
 
     a = {n: x.to(DEVICE) for n, x in _args(prefix_index=torch.tensor([7, -3])).items()}
     plens, kvl = torch.tensor([P + 5, -1, 2], device=DEVICE), torch.tensor([S + 9, -4], device=DEVICE)

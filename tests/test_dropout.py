@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import ptv2_fast
-from _util import DEVICE, Case, assert_rule, make_problem, run_op, run_ref
 from ptv2_fast.attention import _draw_rng_key
 from ptv2_fast.kernels import prefix_attention_dropout_mask
+
+from _util import DEVICE, Case, assert_rule, make_problem, run_op, run_ref
 
 P_DROP = 0.3
 

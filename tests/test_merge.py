@@ -3,8 +3,9 @@
 import torch
 
 import ptv2_fast
-from _util import Case, make_problem
 from ptv2_fast.reference import merge_attention_states_ref
+
+from _util import Case, make_problem
 
 
 def test_split_prefix_and_sequence_then_merge_equals_full_attention():

@@ -42,3 +42,10 @@ def test_built_wheel_ships_kernels_inside_ptv2_fast(tmp_path):
     assert "ptv2_fast/kernels/prefix_attention_fwd.py" in names
     assert "ptv2_fast/kernels/__init__.py" in names
     assert not any(n.startswith("kernels/") for n in names), "a top-level kernels package would shadow PyPI's"
+
+
+def test_lint_clean():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "ptv2_fast", "kernels", "benchmarks", "tests"],
+                         cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

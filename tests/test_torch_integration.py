@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ptv2_fast
+
 from _util import Case, make_problem
 
 

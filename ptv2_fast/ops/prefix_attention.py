@@ -6,8 +6,6 @@ validation live in the public ``ptv2_fast.prefix_attention``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -17,8 +15,8 @@ from . import backends
 @torch.library.custom_op("ptv2_fast::prefix_attention", mutates_args=())
 def prefix_attention_op(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
-    prefix_index: Optional[Tensor], prefix_lens: Optional[Tensor], kv_lens: Optional[Tensor],
-    key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
+    prefix_index: Tensor | None, prefix_lens: Tensor | None, kv_lens: Tensor | None,
+    key_padding_mask: Tensor | None, causal: bool, scale: float, dropout_p: float,
     seed: int, rng_offset: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
     """out [B, Hq, L, D] (q's dtype), lse [B, Hq, L] float32."""
@@ -35,9 +33,9 @@ def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_paddi
 
 @torch.library.custom_op("ptv2_fast::prefix_attention_backward", mutates_args=())
 def prefix_attention_backward_op(
-    dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
-    prefix_index: Optional[Tensor], prefix_lens: Optional[Tensor], kv_lens: Optional[Tensor],
-    key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool, scale: float,
+    dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+    prefix_index: Tensor | None, prefix_lens: Tensor | None, kv_lens: Tensor | None,
+    key_padding_mask: Tensor | None, out: Tensor, lse: Tensor, causal: bool, scale: float,
     dropout_p: float, seed: int, rng_offset: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dprefix_k, dprefix_v), each shaped and typed like its input."""
