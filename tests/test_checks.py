@@ -109,3 +109,18 @@ def test_unchecked_input_is_clamped_inside_the_kernels():
 def test_checks_run_before_values_are_used_on_any_backend():
     with pytest.raises(ValueError, match="prefix_index has values outside"):
         _call(backend="reference", prefix_index=torch.tensor([0, 9]))
+
+
+def test_value_checks_are_cached_per_tensor_version_and_bounds():
+    from ptv2_fast.ops import checks
+
+    idx = torch.tensor([0, 2])
+    checks.check_values(idx, None, None, T=3, P=4, S=5)
+    assert checks._checked.get(idx) == (idx._version, 0, 2)
+    idx[1] = 5  # an in-place change bumps the version: checked again, and caught
+    with pytest.raises(ValueError, match="prefix_index"):
+        checks.check_values(idx, None, None, T=3, P=4, S=5)
+    ok = torch.tensor([0, 2])
+    checks.check_values(ok, None, None, T=3, P=4, S=5)
+    with pytest.raises(ValueError, match="prefix_index"):  # same tensor, smaller bank: checked again
+        checks.check_values(ok, None, None, T=2, P=4, S=5)

@@ -24,8 +24,10 @@ BASE_CASES = [
     Case(L=1, S=5, P=64, T=1, Hkv=4, D=128),
     Case(L=128, S=130, P=7, T=3, B=2, causal=True, mask="kpm"),
     Case(L=128, S=128, P=64, T=1, B=2, D=64, causal=True),
-    # head dims incl. a non power of two
+    # head dims incl. a non power of two and both ends of the supported range
     Case(D=80, P=7, T=3, mask="kv_lens", plens=True),
+    Case(D=16, P=7, T=3, Hkv=2, causal=True, mask="kpm"),
+    Case(D=256, L=9, S=13, P=7, T=3, Hkv=2, causal=True, mask="kv_lens"),
     Case(D=128, Hq=4, Hkv=1, L=17, S=21, P=1, T=3, causal=True),
     # layouts and the shared-prefix form
     Case(layout="blhd", P=7, T=3, Hkv=2, causal=True, mask="kv_lens"),

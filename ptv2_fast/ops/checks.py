@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -74,21 +75,30 @@ def check_shapes(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens
               f"scale must be a positive finite float or None, got {scale!r}")
 
 
+# Tensors already found in range, with the version and bounds they were checked at. A model passes the
+# same prefix_index / kv_lens to every layer: only the first layer pays the device-to-host sync.
+_checked = WeakIdKeyDictionary()  # keyed by identity: tensors compare elementwise
+
+
+def _needs_check(x, lo: int, hi: int) -> bool:
+    if x is None or x.numel() == 0:
+        return False
+    seen = _checked.get(x)
+    return seen is None or seen != (x._version, lo, hi)
+
+
 def check_values(prefix_index, prefix_lens, kv_lens, T: int, P: int, S: int) -> None:
-    """Range checks on index/length tensors; one host sync for all of them together."""
-    tests, msgs = [], []
-    if prefix_index is not None and prefix_index.numel():
-        tests += [(prefix_index < 0).any() | (prefix_index >= T).any()]
-        msgs += [f"prefix_index has values outside [0, T) = [0, {T})"]
-    if prefix_lens is not None and prefix_lens.numel():
-        tests += [(prefix_lens < 0).any() | (prefix_lens > P).any()]
-        msgs += [f"prefix_lens has values outside [0, P] = [0, {P}]"]
-    if kv_lens is not None and kv_lens.numel():
-        tests += [(kv_lens < 0).any() | (kv_lens > S).any()]
-        msgs += [f"kv_lens has values outside [0, S] = [0, {S}]"]
-    if not tests:
+    """Range checks on index/length tensors: at most one host sync for all of them together, and none
+    for a tensor already checked against the same bounds and not modified since."""
+    todo = [(x, lo, hi, msg) for x, lo, hi, msg in (
+        (prefix_index, 0, T - 1, f"prefix_index has values outside [0, T) = [0, {T})"),
+        (prefix_lens, 0, P, f"prefix_lens has values outside [0, P] = [0, {P}]"),
+        (kv_lens, 0, S, f"kv_lens has values outside [0, S] = [0, {S}]"),
+    ) if _needs_check(x, lo, hi)]
+    if not todo:
         return
-    bad = torch.stack(tests).cpu().tolist()
-    for is_bad, msg in zip(bad, msgs):
+    bad = torch.stack([(x < lo).any() | (x > hi).any() for x, lo, hi, _ in todo]).cpu().tolist()
+    for is_bad, (x, lo, hi, msg) in zip(bad, todo):
         if is_bad:
             raise ValueError(msg)
+        _checked[x] = (x._version, lo, hi)
