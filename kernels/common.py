@@ -6,8 +6,11 @@ Nothing here knows about ptv2_fast: only ``triton`` is imported.
 import triton
 import triton.language as tl
 
+# Plain floats for the launchers; constexpr twins for jitted code (compiled Triton cannot read Python globals).
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
 
 
 @triton.jit
@@ -22,10 +25,10 @@ def dropout_keep(seed, offset, bh, rows, cols, dropout_p):
     ``rows`` and ``cols`` are int32 tensors that broadcast against each other ([M, 1] and [1, N], or
     transposed); the result has their broadcast shape and is True where the entry is kept.
     """
-    c0 = cols + rows * 0
-    c1 = rows + cols * 0
-    c2 = c0 * 0 + bh
-    c3 = c0 * 0 + offset
+    c0 = (cols + rows * 0).to(tl.int32)
+    c1 = (rows + cols * 0).to(tl.int32)
+    c2 = c0 * 0 + bh.to(tl.int32)
+    c3 = c0 * 0 + offset.to(tl.int32)
     r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
     return tl.uint_to_uniform_float(r) >= dropout_p
 
@@ -38,7 +41,9 @@ def load_tile(ptr, offs_r, offs_d, stride_r, stride_d, n_rows, n_dim, UPCAST: tl
     right after the load: the Triton CPU interpreter computes bf16 arithmetic wrongly, so it must never see it.
     """
     mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < n_dim)
-    x = tl.load(ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    # 64-bit row offsets: rows * stride can pass 2**31 for long sequences in [B, L, H, D] layouts.
+    rows = offs_r.to(tl.int64)[:, None] * stride_r
+    x = tl.load(ptr + rows + offs_d[None, :] * stride_d, mask=mask, other=0.0)
     if UPCAST:
         x = x.to(tl.float32)
     return x

@@ -6,10 +6,13 @@ key_padding_mask [B, S] bool or None. Inputs are assumed valid (the caller check
 still clamp every index and length they read.
 """
 
+import contextlib
+import functools
 import os
 
 import torch
 import triton
+import triton.language as tl
 
 from .common import LOG2E
 from .dropout import prefix_attention_dropout_mask_kernel
@@ -34,7 +37,8 @@ def _config(kind: str, L: int, N: int, D: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a kernel kind ("fwd", "dq", "dkdv").
 
     The interpreter runs one program at a time, so it gets the largest blocks the shape allows. On a GPU
-    the blocks shrink with the head dim to stay inside registers and shared memory; tl.dot needs >= 16.
+    the blocks shrink with the head dim to stay inside registers and shared memory (tl.dot needs >= 16),
+    and the query block shrinks for short queries (decode-like L) so few rows are wasted.
     """
     if _interpreting():
         bm = min(128, max(16, triton.next_power_of_2(L)))
@@ -42,37 +46,49 @@ def _config(kind: str, L: int, N: int, D: int):
         return bm, bn, 4, 1
     bd = _block_d(D)
     if kind == "fwd":
-        if bd <= 64:
-            return 128, 64, 4, 3
-        if bd <= 128:
-            return 128, 64, 8, 2
-        return 64, 32, 8, 2
-    if kind == "dq":
-        if bd <= 64:
-            return 128, 32, 4, 2
-        if bd <= 128:
-            return 64, 32, 4, 2
-        return 32, 32, 4, 1
-    # dkdv: rows are keys (BLOCK_N), the loop walks query blocks (BLOCK_M); two fp32 [BLOCK_N, D]
-    # accumulators live in registers, so wider heads get more warps.
-    if bd <= 64:
-        return 32, 128, 4, 2
-    if bd <= 128:
-        return 32, 64, 8, 2
-    return 16, 32, 8, 1
+        bm, bn, warps, stages = (128, 64, 4, 3) if bd <= 64 else (128, 64, 8, 2) if bd <= 128 else (64, 32, 8, 2)
+    elif kind == "dq":
+        bm, bn, warps, stages = (128, 32, 4, 2) if bd <= 64 else (64, 32, 4, 2) if bd <= 128 else (32, 32, 8, 1)
+    else:
+        # dkdv: rows are keys (BLOCK_N), the loop walks query blocks (BLOCK_M); two [BLOCK_N, D]
+        # accumulators live in registers, so wider heads get fewer rows and more warps.
+        bm, bn, warps, stages = (32, 64, 4, 2) if bd <= 64 else (32, 64, 8, 2) if bd <= 128 else (16, 32, 8, 1)
+        return bm, bn, warps, stages
+    return min(bm, max(16, triton.next_power_of_2(L))), bn, warps, stages
 
 
 def _flags(q: torch.Tensor):
+    """(UPCAST, DOT_PREC, ACC) constexprs for q's dtype."""
     upcast = _interpreting() and q.dtype == torch.bfloat16
-    # fp32 inputs must not silently drop to TF32 (the error rule compares with full-precision torch);
-    # 16-bit inputs use the default tensor-core path.
-    dot_prec = "ieee" if q.dtype in (torch.float32, torch.float64) else None
-    return upcast, dot_prec
+    if q.dtype == torch.float64:
+        return upcast, "ieee", tl.float64
+    if q.dtype == torch.float32:
+        # fp32 follows torch's matmul policy: IEEE unless the user allowed TF32 for CUDA matmuls.
+        allow_tf32 = q.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        return upcast, ("tf32" if allow_tf32 else "ieee"), tl.float32
+    return upcast, None, tl.float32  # 16-bit inputs: the default tensor-core path, fp32 accumulation
 
 
 def _opt(x: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     # Triton needs a pointer even for an absent optional input; the constexpr flag keeps it unread.
     return x if x is not None else like
+
+
+def _on_q_device(launcher):
+    """Run a launcher with q's CUDA device current: Triton launches on the current device (multi-GPU)."""
+
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        q = next(a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4)
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            return launcher(*args, **kwargs)
+
+    return wrapper
+
+
+def _rng(seed: int, rng_offset: int):
+    # The Philox counters are 32-bit: fold the offset (and keep the seed non-negative) the same way everywhere.
+    return seed & 0x7FFFFFFFFFFFFFFF, rng_offset & 0x7FFFFFFF
 
 
 def _kpm_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor):
@@ -82,6 +98,7 @@ def _kpm_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor):
     return kpm, kpm.stride(0), kpm.stride(1)
 
 
+@_on_q_device
 def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
                          causal: bool, scale: float, dropout_p: float, seed: int, rng_offset: int):
     """Returns (out [B, Hq, L, D] in q's dtype, lse [B, Hq, L] fp32)."""
@@ -93,9 +110,10 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens,
     if B * Hq * L == 0:
         return out, lse
     bm, bn, warps, stages = _config("fwd", L, max(S, P), D)
-    upcast, dot_prec = _flags(q)
+    upcast, dot_prec, acc = _flags(q)
     kpm, skpm_b, skpm_n = _kpm_arg(key_padding_mask, lse)
-    grid = (triton.cdiv(L, bm), B * Hq)
+    seed, rng_offset = _rng(seed, rng_offset)
+    grid = (B * Hq, triton.cdiv(L, bm))
     prefix_attention_fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, _opt(prefix_index, lse), _opt(prefix_lens, lse), _opt(kv_lens, lse), kpm,
         out, lse,
@@ -105,23 +123,23 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens,
         Hq, L, S, T, P, D, Hq // Hkv,
         HAS_PIDX=prefix_index is not None, HAS_PLENS=prefix_lens is not None,
         HAS_KVLENS=kv_lens is not None, HAS_KPM=key_padding_mask is not None,
-        CAUSAL=causal, DROPOUT=dropout_p > 0.0, UPCAST=upcast, DOT_PREC=dot_prec,
+        CAUSAL=causal, DROPOUT=dropout_p > 0.0, UPCAST=upcast, DOT_PREC=dot_prec, ACC=acc,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
 def _rows_by_task(prefix_index, B: int, T: int, device):
-    """Batch rows grouped by task: (order [B], start [T], count [T]) int32, computed without a host sync."""
+    """Batch rows grouped by task: (order [B], start [T], count [T]) int32, with no host sync (CUDA-graph safe)."""
     if prefix_index is None:
-        order = torch.arange(B, dtype=torch.int32, device=device)
-        count = torch.tensor([B], dtype=torch.int32, device=device)
-        return order, torch.zeros(1, dtype=torch.int32, device=device), count
+        return (torch.arange(B, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32, device=device),
+                torch.full((1,), B, dtype=torch.int32, device=device))
     idx = prefix_index.long().clamp(0, T - 1)  # the same clamp the forward kernel applies
-    order = torch.argsort(idx, stable=True).to(torch.int32)
-    count = torch.bincount(idx, minlength=T)
-    start = (torch.cumsum(count, 0) - count).to(torch.int32)
-    return order, start, count.to(torch.int32)
+    sorted_idx, order = torch.sort(idx, stable=True)
+    tasks = torch.arange(T, device=device)
+    start = torch.searchsorted(sorted_idx, tasks)
+    count = torch.searchsorted(sorted_idx, tasks, right=True) - start
+    return order.to(torch.int32), start.to(torch.int32), count.to(torch.int32)
 
 
 def _prefix_splits(B: int, T: int, Hkv: int, P: int, bn: int, device) -> int:
@@ -138,6 +156,7 @@ def _prefix_splits(B: int, T: int, Hkv: int, P: int, bn: int, device) -> int:
     return max(1, min(triton.cdiv(2 * sms, max(programs, 1)), rows_per_task // 2, 16))
 
 
+@_on_q_device
 def prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                          key_padding_mask, out, lse, causal: bool, scale: float, dropout_p: float,
                          seed: int, rng_offset: int):
@@ -151,23 +170,24 @@ def prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, 
     dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=dev)
     if B * Hq * L == 0:
         return (dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v))
-    upcast, dot_prec = _flags(q)
+    upcast, dot_prec, acc = _flags(q)
     bd = _block_d(D)
     group = Hq // Hkv
     drop = dropout_p > 0.0
     kpm, skpm_b, skpm_n = _kpm_arg(key_padding_mask, lse)
+    seed, rng_offset = _rng(seed, rng_offset)
 
     delta = torch.empty_like(lse)
     if dlse is not None:
         dlse = dlse.float().contiguous()  # [B, Hq, L]: small; autograd may hand over an expanded view
     pre_bm = 64
-    prefix_attention_bwd_preprocess_kernel[(triton.cdiv(L, pre_bm), B * Hq)](
+    prefix_attention_bwd_preprocess_kernel[(B * Hq, triton.cdiv(L, pre_bm))](
         out, dout, _opt(dlse, lse), delta, *out.stride(), *dout.stride(), Hq, L, D,
         HAS_DLSE=dlse is not None, BLOCK_M=pre_bm, BLOCK_D=bd,
     )
 
     bm, bn, warps, stages = _config("dq", L, max(S, P), D)
-    prefix_attention_bwd_dq_kernel[(triton.cdiv(L, bm), B * Hq)](
+    prefix_attention_bwd_dq_kernel[(B * Hq, triton.cdiv(L, bm))](
         q, k, v, prefix_k, prefix_v, _opt(prefix_index, lse), _opt(prefix_lens, lse), _opt(kv_lens, lse), kpm,
         dout, lse, delta, dq,
         scale * LOG2E, scale, dropout_p, seed, rng_offset,
@@ -176,20 +196,20 @@ def prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, 
         Hq, L, S, T, P, D, group,
         HAS_PIDX=prefix_index is not None, HAS_PLENS=prefix_lens is not None,
         HAS_KVLENS=kv_lens is not None, HAS_KPM=key_padding_mask is not None,
-        CAUSAL=causal, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec,
+        CAUSAL=causal, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec, ACC=acc,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
     )
 
     bm, bn, warps, stages = _config("dkdv", L, S, D)
     if S > 0:
-        prefix_attention_bwd_dkdv_seq_kernel[(triton.cdiv(S, bn), B * Hkv)](
+        prefix_attention_bwd_dkdv_seq_kernel[(B * Hkv, triton.cdiv(S, bn))](
             q, k, v, _opt(kv_lens, lse), kpm, dout, lse, delta, dk, dv,
             scale * LOG2E, scale, dropout_p, seed, rng_offset,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             skpm_b, skpm_n,
             Hq, Hkv, L, S, P, D, group,
             HAS_KVLENS=kv_lens is not None, HAS_KPM=key_padding_mask is not None,
-            CAUSAL=causal, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec,
+            CAUSAL=causal, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec, ACC=acc,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
         )
 
@@ -209,7 +229,7 @@ def prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, 
         scale * LOG2E, scale, dropout_p, seed, rng_offset,
         *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *dpk.stride()[:4],
         Hq, Hkv, L, S, T, P, D, group, nsplit,
-        HAS_PLENS=prefix_lens is not None, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec,
+        HAS_PLENS=prefix_lens is not None, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec, ACC=acc,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
     )
     if nsplit == 1:
@@ -230,7 +250,9 @@ def prefix_attention_dropout_mask(B: int, Hq: int, L: int, S: int, P: int, dropo
     n = P + S
     bm = min(64, max(16, triton.next_power_of_2(L)))
     bn = min(128, max(16, triton.next_power_of_2(n)))
-    prefix_attention_dropout_mask_kernel[(triton.cdiv(L, bm), triton.cdiv(n, bn), B * Hq)](
-        keep, dropout_p, seed, rng_offset, L, n, BLOCK_M=bm, BLOCK_N=bn,
-    )
+    seed, rng_offset = _rng(seed, rng_offset)
+    with torch.cuda.device(keep.device) if keep.is_cuda else contextlib.nullcontext():
+        prefix_attention_dropout_mask_kernel[(B * Hq, triton.cdiv(L, bm), triton.cdiv(n, bn))](
+            keep, dropout_p, seed, rng_offset, L, n, BLOCK_M=bm, BLOCK_N=bn,
+        )
     return keep.bool()

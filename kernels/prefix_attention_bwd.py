@@ -21,7 +21,7 @@ Three kernels, none with atomics, so results are bitwise deterministic:
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dropout_keep, load_tile
+from .common import LOG2E_C, dropout_keep, load_tile
 
 
 @triton.jit
@@ -32,9 +32,9 @@ def prefix_attention_bwd_preprocess_kernel(
     Hq, L, D,
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """delta[b, h, i] = sum_d do[b, h, i, d] * out[b, h, i, d] - dlse[b, h, i]   (fp32). Grid (cdiv(L, BLOCK_M), B*Hq)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    """delta[b, h, i] = sum_d do[b, h, i, d] * out[b, h, i, d] - dlse[b, h, i]  (fp32). Grid (B*Hq, cdiv(L, BLOCK_M))."""
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,23 +74,23 @@ def prefix_attention_bwd_dq_kernel(
     Hq, L, S, T, P, D, GROUP,
     HAS_PIDX: tl.constexpr, HAS_PLENS: tl.constexpr, HAS_KVLENS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid: (cdiv(L, BLOCK_M), B * Hq). Writes DQ [B, Hq, L, D]."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Grid: (B * Hq, cdiv(L, BLOCK_M)). Writes DQ [B, Hq, L, D]."""
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
     t = pid_m * 0
     if HAS_PIDX:
-        t = tl.minimum(tl.maximum(tl.load(PIDX + b).to(tl.int32), 0), T - 1)
+        t = tl.minimum(tl.maximum(tl.load(PIDX + b), 0), T - 1).to(tl.int32)
     plen = t * 0 + P
     if HAS_PLENS:
-        plen = tl.minimum(tl.maximum(tl.load(PLENS + t).to(tl.int32), 0), P)
+        plen = tl.minimum(tl.maximum(tl.load(PLENS + t), 0), P).to(tl.int32)
     kv_end = t * 0 + S
     if HAS_KVLENS:
-        kv_end = tl.minimum(tl.maximum(tl.load(KVLENS + b).to(tl.int32), 0), S)
+        kv_end = tl.minimum(tl.maximum(tl.load(KVLENS + b), 0), S).to(tl.int32)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -98,11 +98,11 @@ def prefix_attention_bwd_dq_kernel(
     row_ok = offs_m < L
     q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, L, D, UPCAST)
     do = load_tile(DOUT + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, L, D, UPCAST)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * LOG2E
+    lse2 = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * LOG2E_C
     delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     dropout_scale = 1.0 / (1.0 - dropout_p)
-    keep = row_ok[:, None]
+    keep = row_ok[:, None] & (offs_n0[None, :] >= 0)  # [M, N]: a loop-carried value keeps its shape
 
     pk_base = PK + t.to(tl.int64) * stride_pkt + hk * stride_pkh
     pv_base = PV + t.to(tl.int64) * stride_pvt + hk * stride_pvh
@@ -134,7 +134,8 @@ def prefix_attention_bwd_dq_kernel(
             keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], P + offs_n[None, :], dropout_p)
         dq = _dq_step(dq, q, do, lse2, delta, k, v, visible, keep, qk_scale, dropout_scale, DROPOUT, DOT_PREC)
 
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    dq_ptrs = (DQ + b * stride_dqb + h * stride_dqh + offs_m.to(tl.int64)[:, None] * stride_dqm
+               + offs_d[None, :] * stride_dqd)
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
@@ -150,7 +151,7 @@ def _dkdv_query_block(dk, dv, k, v, Q, DOUT, LSE, DELTA, bh, offs_n, col0, start
     row_ok = offs_m < L
     q = load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, L, D, UPCAST)
     do = load_tile(DOUT, offs_m, offs_d, stride_dom, stride_dod, L, D, UPCAST)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * LOG2E
+    lse2 = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * LOG2E_C
     delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
     visible = key_ok[:, None] & row_ok[None, :]
@@ -183,16 +184,16 @@ def prefix_attention_bwd_dkdv_seq_kernel(
     Hq, Hkv, L, S, P, D, GROUP,
     HAS_KVLENS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid: (cdiv(S, BLOCK_N), B * Hkv). Writes DK, DV [B, Hkv, S, D] (GQA heads reduced in-program)."""
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    """Grid: (B * Hkv, cdiv(S, BLOCK_N)). Writes DK, DV [B, Hkv, S, D] (GQA heads reduced in-program)."""
+    bhk = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = (bhk // Hkv).to(tl.int64)
     hk = (bhk % Hkv).to(tl.int64)
     kv_end = pid_n * 0 + S
     if HAS_KVLENS:
-        kv_end = tl.minimum(tl.maximum(tl.load(KVLENS + b).to(tl.int32), 0), S)
+        kv_end = tl.minimum(tl.maximum(tl.load(KVLENS + b), 0), S).to(tl.int32)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     key_ok = offs_n < kv_end
@@ -201,8 +202,8 @@ def prefix_attention_bwd_dkdv_seq_kernel(
         key_ok = key_ok & (kpm != 0)
     k = load_tile(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, stride_kd, kv_end, D, UPCAST)
     v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_d, stride_vn, stride_vd, kv_end, D, UPCAST)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dropout_scale = 1.0 / (1.0 - dropout_p)
 
     m_begin = 0
@@ -224,8 +225,9 @@ def prefix_attention_bwd_dkdv_seq_kernel(
                 CAUSAL, DROPOUT, UPCAST, DOT_PREC, BLOCK_M, BLOCK_D)
 
     mask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
-    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    rows = offs_n.to(tl.int64)[:, None]
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + rows * stride_dvn + offs_d[None, :] * stride_dvd
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
@@ -241,7 +243,7 @@ def prefix_attention_bwd_dkdv_prefix_kernel(
     stride_ds, stride_dt, stride_dh, stride_dn,
     Hq, Hkv, L, S, T, P, D, GROUP, NSPLIT,
     HAS_PLENS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid: (cdiv(P, BLOCK_N), T * Hkv, NSPLIT).
 
@@ -256,15 +258,15 @@ def prefix_attention_bwd_dkdv_prefix_kernel(
     hk = (thk % Hkv).to(tl.int64)
     plen = t * 0 + P
     if HAS_PLENS:
-        plen = tl.minimum(tl.maximum(tl.load(PLENS + t).to(tl.int32), 0), P)
+        plen = tl.minimum(tl.maximum(tl.load(PLENS + t), 0), P).to(tl.int32)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     key_ok = offs_n < plen
     t64 = t.to(tl.int64)
     k = load_tile(PK + t64 * stride_pkt + hk * stride_pkh, offs_n, offs_d, stride_pkn, stride_pkd, plen, D, UPCAST)
     v = load_tile(PV + t64 * stride_pvt + hk * stride_pvh, offs_n, offs_d, stride_pvn, stride_pvd, plen, D, UPCAST)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dropout_scale = 1.0 / (1.0 - dropout_p)
 
     row_start = tl.load(ROW_START + t)
@@ -290,6 +292,6 @@ def prefix_attention_bwd_dkdv_prefix_kernel(
 
     mask = (offs_n[:, None] < P) & (offs_d[None, :] < D)
     base = split.to(tl.int64) * stride_ds + t64 * stride_dt + hk * stride_dh
-    offs = base + offs_n[:, None] * stride_dn + offs_d[None, :]
+    offs = base + offs_n.to(tl.int64)[:, None] * stride_dn + offs_d[None, :]
     tl.store(DPK + offs, (dk * sm_scale).to(DPK.dtype.element_ty), mask=mask)
     tl.store(DPV + offs, dv.to(DPV.dtype.element_ty), mask=mask)

@@ -17,7 +17,7 @@ m = -inf, l = 0 and is written as out = 0, lse = -inf.
 import triton
 import triton.language as tl
 
-from .common import LN2, dropout_keep, load_tile
+from .common import LN2_C, dropout_keep, load_tile
 
 
 @triton.jit
@@ -51,11 +51,11 @@ def prefix_attention_fwd_kernel(
     Hq, L, S, T, P, D, GROUP,
     HAS_PIDX: tl.constexpr, HAS_PLENS: tl.constexpr, HAS_KVLENS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid: (cdiv(L, BLOCK_M), B * Hq). Writes OUT [B, Hq, L, D] and LSE [B, Hq, L] (fp32, natural log)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Grid: (B * Hq, cdiv(L, BLOCK_M)). Writes OUT [B, Hq, L, D] and LSE [B, Hq, L] (fp32, natural log)."""
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
@@ -63,13 +63,13 @@ def prefix_attention_fwd_kernel(
     # Indices and lengths are clamped so that unchecked input can never read outside a tensor.
     t = pid_m * 0
     if HAS_PIDX:
-        t = tl.minimum(tl.maximum(tl.load(PIDX + b).to(tl.int32), 0), T - 1)
+        t = tl.minimum(tl.maximum(tl.load(PIDX + b), 0), T - 1).to(tl.int32)
     plen = t * 0 + P
     if HAS_PLENS:
-        plen = tl.minimum(tl.maximum(tl.load(PLENS + t).to(tl.int32), 0), P)
+        plen = tl.minimum(tl.maximum(tl.load(PLENS + t), 0), P).to(tl.int32)
     kv_end = t * 0 + S
     if HAS_KVLENS:
-        kv_end = tl.minimum(tl.maximum(tl.load(KVLENS + b).to(tl.int32), 0), S)
+        kv_end = tl.minimum(tl.maximum(tl.load(KVLENS + b), 0), S).to(tl.int32)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -78,11 +78,11 @@ def prefix_attention_fwd_kernel(
 
     q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, L, D, UPCAST)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     dropout_scale = 1.0 / (1.0 - dropout_p)
-    keep = row_ok[:, None]  # replaced when DROPOUT
+    keep = row_ok[:, None] & (offs_n0[None, :] >= 0)  # [M, N]: a loop-carried value keeps its shape
 
     # Stage 1: the task's prefix, straight from its bank row.
     pk_base = PK + t.to(tl.int64) * stride_pkt + hk * stride_pkh
@@ -123,7 +123,8 @@ def prefix_attention_fwd_kernel(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2_C)
+    o_ptrs = (OUT + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om
+              + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse.to(tl.float32), mask=row_ok)
