@@ -12,47 +12,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ptv2_fast.reference import visible_keys
+from ptv2_fast.reference import as_bank, concat_prefix, visible_keys
 
 
-def _bank(x):
-    return x if x.dim() == 4 else x.unsqueeze(0)
-
-
-def _gathered(prefix, prefix_index, B):
-    bank = _bank(prefix)
-    if prefix_index is None:
-        return bank.expand(B, *bank.shape[1:])  # the P-Tuning v2 `expand` of one shared prefix
-    return bank[prefix_index]
-
-
-def _mask(q, k, prefix_k, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal):
-    """Widened bool mask [B, 1, L, P + S] (True = attend), or None when every key is visible (SDPA's fast path)."""
+def widened_mask(q, k, prefix_k, prefix_index=None, prefix_lens=None, kv_lens=None, key_padding_mask=None,
+                 causal=False):
+    """The widened bool mask [B, 1, L, P + S] (True = attend) of the concatenating paths, or None when
+    every key is visible (which keeps SDPA on its fast path)."""
     if prefix_lens is None and kv_lens is None and key_padding_mask is None and not causal:
         return None
     B, _, L, _ = q.shape
-    return visible_keys(B, L, k.shape[2], _bank(prefix_k).shape[2], prefix_index=prefix_index,
+    return visible_keys(B, L, k.shape[2], as_bank(prefix_k).shape[2], prefix_index=prefix_index,
                         prefix_lens=prefix_lens, kv_lens=kv_lens, key_padding_mask=key_padding_mask,
                         causal=causal, device=q.device)[:, None]
 
 
-def concat_kv(k, v, prefix_k, prefix_v, prefix_index=None):
-    """[B, Hkv, P + S, D] keys and values: the per-row copy of the prefix concatenated with the sequence."""
-    B = k.shape[0]
-    return (torch.cat([_gathered(prefix_k, prefix_index, B), k], dim=2),
-            torch.cat([_gathered(prefix_v, prefix_index, B), v], dim=2))
-
-
 def naive_eager(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
                 key_padding_mask=None, causal=False, scale=None):
-    keys, values = concat_kv(k, v, prefix_k, prefix_v, prefix_index)
+    keys, values = concat_prefix(k, v, prefix_k, prefix_v, prefix_index)
     group = q.shape[1] // k.shape[1]
     if group > 1:
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
-    mask = _mask(q, k, prefix_k, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal)
+    mask = widened_mask(q, k, prefix_k, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal)
     if mask is not None:
         scores = scores + torch.zeros_like(mask, dtype=scores.dtype).masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -61,15 +45,15 @@ def naive_eager(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=N
 
 def sdpa_concat(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
                 key_padding_mask=None, causal=False, scale=None):
-    keys, values = concat_kv(k, v, prefix_k, prefix_v, prefix_index)
-    mask = _mask(q, k, prefix_k, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal)
+    keys, values = concat_prefix(k, v, prefix_k, prefix_v, prefix_index)
+    mask = widened_mask(q, k, prefix_k, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
 def precat(k, v, prefix_k, prefix_v, prefix_index=None):
     """Inputs for ``sdpa_precat``: K/V concatenated ahead of time, as leaves that take gradients."""
-    keys, values = concat_kv(k.detach(), v.detach(), prefix_k.detach(), prefix_v.detach(), prefix_index)
+    keys, values = concat_prefix(k.detach(), v.detach(), prefix_k.detach(), prefix_v.detach(), prefix_index)
     return keys.contiguous().requires_grad_(k.requires_grad), values.contiguous().requires_grad_(v.requires_grad)
 
 

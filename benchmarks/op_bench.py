@@ -46,6 +46,7 @@ class Shape:
         return self.P + seen / self.L
 
     def flops(self, mode: str) -> float:
+        """Nominal attention FLOPs: padding counted as work (as FlashAttention's benchmarks do), causal not."""
         fwd = 4.0 * self.B * self.Hq * self.L * self.visible_keys_per_query() * self.D
         return fwd if mode == "fwd" else 3.5 * fwd  # backward = 2.5 x forward (5 matmuls vs 2)
 
@@ -80,8 +81,8 @@ def make_inputs(shape: Shape, dtype, device, seed: int = 0):
 def providers(shape: Shape, tensors, idx, kw, device):
     """name -> (fn() -> out, leaves that take gradients)."""
     q, k, v, pk, pv = tensors
-    backend = ptv2_fast.ops.backends.resolve("auto", torch.device(device))
-    mask = baselines._mask(q, k, pk, idx, None, kw.get("kv_lens"), None, shape.causal)
+    backend = ptv2_fast.resolve_backend("auto", device)
+    mask = baselines.widened_mask(q, k, pk, idx, None, kw.get("kv_lens"), None, shape.causal)
     keys, values = baselines.precat(k, v, pk, pv, idx)
     return {
         f"ptv2_fast[{backend}]": (lambda: ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, **kw), tensors),

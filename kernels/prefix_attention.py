@@ -70,8 +70,9 @@ def _flags(q: torch.Tensor):
 
 
 def _opt(x: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    # Triton needs a pointer even for an absent optional input; the constexpr flag keeps it unread.
-    return x if x is not None else like
+    # Index/length vectors are read with unit stride: make them contiguous (they are tiny). An absent one
+    # still needs a pointer; its constexpr flag keeps it unread.
+    return x.contiguous() if x is not None else like
 
 
 def _on_q_device(launcher):

@@ -5,9 +5,10 @@ Public API: ``prefix_attention``, ``merge_attention_states``; the concatenating 
 """
 
 from . import reference
-from .attention import merge_attention_states, prefix_attention
+from .attention import merge_attention_states, prefix_attention, resolve_backend
 from .ops.backends import BackendUnavailable
 
 __version__ = "0.1.0"
 
-__all__ = ["prefix_attention", "merge_attention_states", "reference", "BackendUnavailable", "__version__"]
+__all__ = ["prefix_attention", "merge_attention_states", "resolve_backend", "reference", "BackendUnavailable",
+           "__version__"]

@@ -6,16 +6,18 @@ import torch
 
 from .ops import backends, checks
 from .ops.prefix_attention import prefix_attention_op
+from .reference import as_bank
 
 
-def _as_bank(x):
-    return x.unsqueeze(0) if isinstance(x, torch.Tensor) and x.dim() == 3 else x
+def draw_rng_key() -> torch.Tensor:
+    """The dropout key (seed, offset), int64 [2] on the CPU, drawn from torch's default CPU generator:
+    ``torch.manual_seed`` makes dropout reproducible, and no GPU sync is needed."""
+    return torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
 
 
-def _draw_rng_key() -> tuple[int, int]:
-    # Drawn from torch's default CPU generator: torch.manual_seed makes dropout reproducible, no GPU sync.
-    key = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
-    return int(key[0]), int(key[1])
+def resolve_backend(backend: str, device) -> str:
+    """The backend ``prefix_attention(..., backend=backend)`` would use for tensors on ``device``."""
+    return backends.resolve(backend, torch.device(device))
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
@@ -45,17 +47,15 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_l
         all gets out = 0 and lse = -inf, never NaN. Gradients flow to q, k, v, prefix_k and prefix_v; the
         bank's gradient sums the rows that share a task and is 0 for unused rows.
     """
-    pk, pv = _as_bank(prefix_k), _as_bank(prefix_v)
+    pk, pv = as_bank(prefix_k), as_bank(prefix_v)
     checks.check_shapes(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask, dropout_p, scale)
-    T, P, S = pk.shape[0], pk.shape[2], k.shape[2]
-    if not torch.compiler.is_compiling():
-        checks.check_values(prefix_index, prefix_lens, kv_lens, T, P, S)
     name = backends.resolve(backend, q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     dropout_p = float(dropout_p)
-    seed, rng_offset = _draw_rng_key() if dropout_p > 0.0 else (0, 0)
+    rng_key = draw_rng_key() if dropout_p > 0.0 else None
+    # Index/length values are range-checked inside the op (on real tensors, also under torch.compile).
     out, lse = prefix_attention_op(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask,
-                                   bool(causal), scale, dropout_p, seed, rng_offset, name)
+                                   bool(causal), scale, dropout_p, rng_key, name)
     return (out, lse) if return_lse else out
 
 

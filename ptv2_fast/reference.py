@@ -9,8 +9,20 @@ from __future__ import annotations
 import torch
 
 
-def _bank(prefix: torch.Tensor) -> torch.Tensor:
-    return prefix if prefix.dim() == 4 else prefix.unsqueeze(0)
+def as_bank(prefix: torch.Tensor) -> torch.Tensor:
+    """A bank [T, Hkv, P, D] from either form of the prefix argument ([Hkv, P, D] becomes T = 1). A view."""
+    return prefix.unsqueeze(0) if isinstance(prefix, torch.Tensor) and prefix.dim() == 3 else prefix
+
+
+def concat_prefix(k, v, prefix_k, prefix_v, prefix_index=None):
+    """The naive path's keys/values [B, Hkv, P + S, D]: each row's prefix copied in front of its sequence."""
+    pk, pv = as_bank(prefix_k), as_bank(prefix_v)
+    B = k.shape[0]
+    if prefix_index is None:
+        rows_k, rows_v = pk.expand(B, *pk.shape[1:]), pv.expand(B, *pv.shape[1:])
+    else:
+        rows_k, rows_v = pk[prefix_index.long()], pv[prefix_index.long()]
+    return torch.cat([rows_k, k], dim=2), torch.cat([rows_v, v], dim=2)
 
 
 def visible_keys(B: int, L: int, S: int, P: int, *, prefix_index=None, prefix_lens=None, kv_lens=None,
@@ -44,20 +56,19 @@ def prefix_attention_ref(q, k, v, prefix_k, prefix_v, prefix_index=None, *, pref
     Shapes as ``ptv2_fast.prefix_attention``: q [B, Hq, L, D]; k, v [B, Hkv, S, D]; prefix_k, prefix_v
     [T, Hkv, P, D] or [Hkv, P, D]. ``dropout_mask`` (bool [B, Hq, L, P + S], True = keep) applies
     attention dropout with probability ``dropout_p``. Matmuls run in ``compute_dtype`` (default: q's dtype),
-    the softmax in at least float32. Returns out [B, Hq, L, D] in q's dtype (and lse [B, Hq, L] float32
-    when ``return_lse``); a query with no visible key gives out = 0, lse = -inf.
+    the softmax in at least float32. Returns out [B, Hq, L, D] in q's dtype (and lse [B, Hq, L] in the
+    softmax dtype when ``return_lse``); a query with no visible key gives out = 0, lse = -inf.
     """
     dt = compute_dtype or q.dtype
-    pk, pv = _bank(prefix_k), _bank(prefix_v)
     B, Hq, L, D = q.shape
-    Hkv, S, P = k.shape[1], k.shape[2], pk.shape[2]
+    Hkv, S, P = k.shape[1], k.shape[2], as_bank(prefix_k).shape[2]
     group = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
-    idx = prefix_index.long() if prefix_index is not None else torch.zeros(B, dtype=torch.long, device=q.device)
 
     # The naive path: one copy of the prefix per batch row, concatenated in front of the sequence.
-    keys = torch.cat([pk[idx], k], dim=2).to(dt).repeat_interleave(group, dim=1)
-    values = torch.cat([pv[idx], v], dim=2).to(dt).repeat_interleave(group, dim=1)
+    keys, values = concat_prefix(k, v, prefix_k, prefix_v, prefix_index)
+    keys = keys.to(dt).repeat_interleave(group, dim=1)
+    values = values.to(dt).repeat_interleave(group, dim=1)
     scores = torch.matmul(q.to(dt), keys.transpose(-1, -2)) * scale
     vis = visible_keys(B, L, S, P, prefix_index=prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
                        key_padding_mask=key_padding_mask, causal=causal, device=q.device)[:, None]
@@ -76,7 +87,7 @@ def prefix_attention_ref(q, k, v, prefix_k, prefix_v, prefix_index=None, *, pref
         probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
     out = torch.matmul(probs.to(dt), values).to(q.dtype)
     if return_lse:
-        return out, lse.float()
+        return out, lse  # float32, or float64 when computing in float64
     return out
 
 

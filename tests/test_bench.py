@@ -29,7 +29,7 @@ def test_baselines_equal_the_reference(case):
         torch.testing.assert_close(fn(*tensors, idx, **kw).double(), truth.double(), rtol=1e-5, atol=1e-5)
     q, k, v, pk, pv = tensors
     keys, values = baselines.precat(k, v, pk, pv, idx)
-    mask = baselines._mask(q, k, pk, idx, kw.get("prefix_lens"), kw.get("kv_lens"), kw.get("key_padding_mask"),
+    mask = baselines.widened_mask(q, k, pk, idx, kw.get("prefix_lens"), kw.get("kv_lens"), kw.get("key_padding_mask"),
                            kw["causal"])
     torch.testing.assert_close(baselines.sdpa_precat(q, keys, values, mask).double(), truth.double(),
                                rtol=1e-5, atol=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ptv2_fast
-from ptv2_fast.attention import _draw_rng_key
+from ptv2_fast.attention import draw_rng_key
 from ptv2_fast.kernels import prefix_attention_dropout_mask
 
 from _util import DEVICE, Case, assert_rule, make_problem, run_op, run_ref
@@ -17,7 +17,7 @@ P_DROP = 0.3
 def _op_mask(case: Case, torch_seed: int):
     """The keep mask [B, Hq, L, P + S] the op uses right after torch.manual_seed(torch_seed) (test-only view)."""
     torch.manual_seed(torch_seed)
-    seed, offset = _draw_rng_key()
+    seed, offset = draw_rng_key().tolist()
     return prefix_attention_dropout_mask(case.B, case.Hq, case.L, case.S, case.P, P_DROP, seed, offset, DEVICE)
 
 
@@ -78,7 +78,7 @@ def test_reference_backend_dropout_is_reproducible_and_replayed():
     from ptv2_fast.ops.backends import _ref_dropout_mask
 
     torch.manual_seed(9)
-    seed, offset = _draw_rng_key()
+    seed, offset = draw_rng_key().tolist()
     keep = _ref_dropout_mask(tensors[0], case.S, case.P, P_DROP, seed, offset)
     t_out, _, t_grads = run_ref(tensors, idx, kw, dout, dlse, torch.float64, dropout_mask=keep, dropout_p=P_DROP)
     torch.testing.assert_close(o1.double(), t_out, rtol=1e-5, atol=1e-5)

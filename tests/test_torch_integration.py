@@ -11,7 +11,7 @@ from _util import Case, make_problem
 def _sample(dtype=torch.float32, backend="triton"):
     (q, k, v, pk, pv), idx, kw, _, _ = make_problem(Case(B=2, Hq=4, Hkv=2, L=5, S=7, P=3, T=3, D=16, dtype=dtype,
                                                          causal=True, mask="kv_lens", plens=True))
-    return (q, k, v, pk, pv, idx, kw["prefix_lens"], kw["kv_lens"], None, True, 0.25, 0.0, 0, 0, backend)
+    return (q, k, v, pk, pv, idx, kw["prefix_lens"], kw["kv_lens"], None, True, 0.25, 0.0, None, backend)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -23,7 +23,7 @@ def test_opcheck_with_dropout_and_key_padding_mask():
     args = list(_sample())
     args[7] = None
     args[8] = torch.rand(2, 7, generator=torch.Generator().manual_seed(1)) > 0.4
-    args[11], args[12], args[13] = 0.2, 1234, 5
+    args[11], args[12] = 0.2, torch.tensor([1234, 5])
     torch.library.opcheck(torch.ops.ptv2_fast.prefix_attention.default, tuple(args))
 
 

@@ -7,6 +7,7 @@ the argument lists of ``ptv2_fast.kernels.prefix_attention_fwd`` / ``prefix_atte
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -19,22 +20,21 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here (not installed, not built, or wrong device)."""
 
 
+_triton_error: str | None = None
+
+
 def _triton_kernels():
+    global _triton_error
     try:
         from .. import kernels
-    except ImportError as e:  # triton missing or broken
-        raise BackendUnavailable(f"backend='triton' needs a working triton install ({e})") from e
+    except Exception as e:  # triton missing, or a triton whose API this release does not know
+        _triton_error = f"{type(e).__name__}: {e}"
+        raise BackendUnavailable(f"backend='triton' needs a working triton install ({_triton_error})") from e
     return kernels
 
 
-def triton_usable(device: torch.device) -> bool:
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    try:
-        _triton_kernels()
-    except BackendUnavailable:
-        return False
-    return device.type in ("cuda", "cpu")
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -42,11 +42,17 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and triton_usable(device):
+        if device.type != "cuda":
+            return "reference"
+        try:
+            _triton_kernels()
             return "triton"
-        return "reference"
+        except BackendUnavailable as e:
+            warnings.warn(f"ptv2_fast: the fused Triton kernels are unavailable ({e}); falling back to the "
+                          "concatenating reference backend, which is slower and uses more memory.", stacklevel=3)
+            return "reference"
     if backend == "triton":
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if device.type == "cpu" and not _interpreting():
             raise BackendUnavailable(
                 "backend='triton' on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 in the "
                 "environment before ptv2_fast's kernels are first used, or use backend='auto'")
@@ -71,37 +77,38 @@ def _ref_dropout_mask(q, S, P, dropout_p, seed, rng_offset):
     return torch.rand((B, Hq, L, P + S), generator=g, device=q.device) >= dropout_p
 
 
-def _ref_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
-                 causal, scale, dropout_p, seed, rng_offset):
+def _cdt(q):
+    return torch.promote_types(q.dtype, torch.float32)
+
+
+def ref_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+            causal, scale, dropout_p, seed, rng_offset):
     mask = _ref_dropout_mask(q, k.shape[2], prefix_k.shape[2], dropout_p, seed, rng_offset)
-    return reference.prefix_attention_ref(
+    out, lse = reference.prefix_attention_ref(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
         key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_mask=mask,
-        dropout_p=dropout_p, return_lse=True, compute_dtype=torch.promote_types(q.dtype, torch.float32))
-
-
-def ref_fwd(*args):
-    out, lse = _ref_forward(*args)
-    return out.contiguous(), lse.contiguous()
+        dropout_p=dropout_p, return_lse=True, compute_dtype=_cdt(q))
+    return out.contiguous(), lse.float().contiguous()
 
 
 def ref_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
             out, lse, causal, scale, dropout_p, seed, rng_offset):
     # Closed-form gradients over the concatenated keys (the op runs below autograd, so no autograd.grad here).
-    cdt = torch.promote_types(q.dtype, torch.float32)
+    cdt = _cdt(q)
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     T, P = prefix_k.shape[0], prefix_k.shape[2]
     group = Hq // Hkv
-    idx = prefix_index.long() if prefix_index is not None else torch.zeros(B, dtype=torch.long, device=q.device)
-    keys = torch.cat([prefix_k[idx], k], dim=2).to(cdt).repeat_interleave(group, dim=1)
-    values = torch.cat([prefix_v[idx], v], dim=2).to(cdt).repeat_interleave(group, dim=1)
+    keys, values = reference.concat_prefix(k, v, prefix_k, prefix_v, prefix_index)
+    keys = keys.to(cdt).repeat_interleave(group, dim=1)
+    values = values.to(cdt).repeat_interleave(group, dim=1)
     qc, doc = q.to(cdt), dout.to(cdt)
     vis = reference.visible_keys(B, L, S, P, prefix_index=prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
                                  key_padding_mask=key_padding_mask, causal=causal, device=q.device)[:, None]
     lse_c = lse.to(cdt)[..., None]
+    empty = torch.isinf(lse_c)
     scores = torch.matmul(qc, keys.transpose(-1, -2)) * scale
-    probs = torch.where(vis, torch.exp(scores - torch.where(torch.isinf(lse_c), 0.0, lse_c)), 0.0)
+    probs = torch.where(vis, torch.exp(scores - torch.where(empty, 0.0, lse_c)), 0.0)
     dp = torch.matmul(doc, values.transpose(-1, -2))
     pd = probs
     mask = _ref_dropout_mask(q, S, P, dropout_p, seed, rng_offset)
@@ -110,11 +117,12 @@ def ref_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, 
         pd = probs * mask / (1.0 - dropout_p)
     delta = (doc * out.to(cdt)).sum(-1, keepdim=True)
     if dlse is not None:
-        delta = delta - torch.where(torch.isinf(lse_c), 0.0, dlse.to(cdt)[..., None])
+        delta = delta - torch.where(empty, 0.0, dlse.to(cdt)[..., None])
     ds = probs * (dp - delta)
     dq = torch.matmul(ds, keys) * scale
     dkeys = (torch.matmul(ds.transpose(-1, -2), qc) * scale).unflatten(1, (Hkv, group)).sum(2)
     dvalues = torch.matmul(pd.transpose(-1, -2), doc).unflatten(1, (Hkv, group)).sum(2)
+    idx = prefix_index.long() if prefix_index is not None else torch.zeros(B, dtype=torch.long, device=q.device)
     dpk = torch.zeros((T, Hkv, P, D), dtype=cdt, device=q.device).index_add_(0, idx, dkeys[:, :, :P])
     dpv = torch.zeros((T, Hkv, P, D), dtype=cdt, device=q.device).index_add_(0, idx, dvalues[:, :, :P])
     return (dq.to(q.dtype), dkeys[:, :, P:].to(k.dtype), dvalues[:, :, P:].to(v.dtype),

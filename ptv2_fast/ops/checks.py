@@ -1,4 +1,8 @@
-"""Input validation for prefix attention: every bad input becomes a clear exception naming the argument."""
+"""Input validation for prefix attention: every bad input becomes a clear exception naming the argument.
+
+Messages are built only on failure (lambdas), so that torch.compile does not specialise on the sizes
+they mention.
+"""
 
 from __future__ import annotations
 
@@ -10,69 +14,73 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
-def _need(cond: bool, msg: str, exc=ValueError):
+def _need(cond: bool, msg, exc=ValueError):
     if not cond:
-        raise exc(msg)
+        raise exc(msg())
 
 
 def _check_int_vector(name: str, x, n: int, n_name: str, device):
     if x is None:
         return
-    _need(isinstance(x, torch.Tensor), f"{name} must be a torch.Tensor or None, got {type(x).__name__}", TypeError)
-    _need(x.dtype in _INT_DTYPES, f"{name} must be int32 or int64, got {x.dtype}", TypeError)
-    _need(x.dim() == 1 and x.shape[0] == n, f"{name} must have shape [{n_name}] = [{n}], got {list(x.shape)}")
-    _need(x.device == device, f"{name} is on {x.device} but q is on {device}")
+    _need(isinstance(x, torch.Tensor), lambda: f"{name} must be a torch.Tensor or None, got {type(x).__name__}",
+          TypeError)
+    _need(x.dtype in _INT_DTYPES, lambda: f"{name} must be int32 or int64, got {x.dtype}", TypeError)
+    _need(x.dim() == 1 and x.shape[0] == n,
+          lambda: f"{name} must have shape [{n_name}] = [{n}], got {list(x.shape)}")
+    _need(x.device == device, lambda: f"{name} is on {x.device} but q is on {device}")
 
 
 def check_shapes(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
                  dropout_p: float, scale) -> None:
-    """Static checks (no device sync): types, ranks, shapes, dtypes, devices, head dim, dropout_p."""
+    """Static checks (no device sync): types, ranks, shapes, dtypes, devices, head dim, dropout_p, scale."""
     names = ("q", "k", "v", "prefix_k", "prefix_v")
     for name, x in zip(names, (q, k, v, prefix_k, prefix_v)):
-        _need(isinstance(x, torch.Tensor), f"{name} must be a torch.Tensor, got {type(x).__name__}", TypeError)
+        _need(isinstance(x, torch.Tensor),
+              lambda name=name, x=x: f"{name} must be a torch.Tensor, got {type(x).__name__}", TypeError)
     for name, x in zip(names[:3], (q, k, v)):
-        _need(x.dim() == 4, f"{name} must be 4-D [B, H, len, D], got shape {list(x.shape)}")
+        _need(x.dim() == 4, lambda name=name, x=x: f"{name} must be 4-D [B, H, len, D], got shape {list(x.shape)}")
     for name, x in zip(names[3:], (prefix_k, prefix_v)):
-        _need(x.dim() == 4, f"{name} must be [T, Hkv, P, D] or [Hkv, P, D], got shape {list(x.shape)}")
-    _need(q.dtype in SUPPORTED_DTYPES, f"q has unsupported dtype {q.dtype}; use float16, bfloat16 or float32", TypeError)
+        _need(x.dim() == 4, lambda name=name, x=x: f"{name} must be [T, Hkv, P, D] or [Hkv, P, D], got shape {list(x.shape)}")
+    _need(q.dtype in SUPPORTED_DTYPES,
+          lambda: f"q has unsupported dtype {q.dtype}; use float16, bfloat16 or float32 (float64 for checks)", TypeError)
     for name, x in zip(names[1:], (k, v, prefix_k, prefix_v)):
-        _need(x.dtype == q.dtype, f"{name} has dtype {x.dtype} but q has {q.dtype}", TypeError)
-        _need(x.device == q.device, f"{name} is on {x.device} but q is on {q.device}")
+        _need(x.dtype == q.dtype, lambda name=name, x=x: f"{name} has dtype {x.dtype} but q has {q.dtype}", TypeError)
+        _need(x.device == q.device, lambda name=name, x=x: f"{name} is on {x.device} but q is on {q.device}")
 
     B, Hq, L, D = q.shape
-    _, Hkv, S, _ = k.shape
-    T, _, P, _ = prefix_k.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    T = prefix_k.shape[0]
     _need(MIN_HEAD_DIM <= D <= MAX_HEAD_DIM,
-          f"head dim D={D} (q.shape[-1]) is unsupported: it must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
-    _need(k.shape[0] == B, f"k has batch {k.shape[0]} but q has batch {B}")
-    _need(k.shape[3] == D, f"k has head dim {k.shape[3]} but q has {D}")
-    _need(tuple(v.shape) == tuple(k.shape), f"v has shape {list(v.shape)} but k has {list(k.shape)}")
+          lambda: f"head dim D={D} (q.shape[-1]) is unsupported: it must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+    _need(k.shape[0] == B, lambda: f"k has batch {k.shape[0]} but q has batch {B}")
+    _need(k.shape[3] == D, lambda: f"k has head dim {k.shape[3]} but q has {D}")
+    _need(v.shape == k.shape, lambda: f"v has shape {list(v.shape)} but k has {list(k.shape)}")
     _need(Hkv > 0 and Hq % Hkv == 0,
-          f"q has {Hq} heads, which is not a multiple of the {Hkv} key/value heads of k (Hq % Hkv must be 0)")
-    _need(prefix_k.shape[1] == Hkv, f"prefix_k has {prefix_k.shape[1]} heads but k has {Hkv}")
-    _need(prefix_k.shape[3] == D, f"prefix_k has head dim {prefix_k.shape[3]} but q has {D}")
-    _need(tuple(prefix_v.shape) == tuple(prefix_k.shape),
-          f"prefix_v has shape {list(prefix_v.shape)} but prefix_k has {list(prefix_k.shape)}")
-    _need(T >= 1, "the prefix bank prefix_k must have at least one task row (T >= 1)")
+          lambda: f"q has {Hq} heads, which is not a multiple of the {Hkv} key/value heads of k (Hq % Hkv must be 0)")
+    _need(prefix_k.shape[1] == Hkv, lambda: f"prefix_k has {prefix_k.shape[1]} heads but k has {Hkv}")
+    _need(prefix_k.shape[3] == D, lambda: f"prefix_k has head dim {prefix_k.shape[3]} but q has {D}")
+    _need(prefix_v.shape == prefix_k.shape,
+          lambda: f"prefix_v has shape {list(prefix_v.shape)} but prefix_k has {list(prefix_k.shape)}")
+    _need(T >= 1, lambda: "the prefix bank prefix_k must have at least one task row (T >= 1)")
 
     if prefix_index is None:
-        _need(T == 1, f"prefix_index is None but the bank has T={T} task rows; pass prefix_index [B]")
+        _need(T == 1, lambda: f"prefix_index is None but the bank has T={T} task rows; pass prefix_index [B]")
     _check_int_vector("prefix_index", prefix_index, B, "B", q.device)
     _check_int_vector("prefix_lens", prefix_lens, T, "T", q.device)
     _check_int_vector("kv_lens", kv_lens, B, "B", q.device)
     if key_padding_mask is not None:
-        _need(kv_lens is None, "pass either kv_lens or key_padding_mask, not both")
-        _need(isinstance(key_padding_mask, torch.Tensor), "key_padding_mask must be a torch.Tensor", TypeError)
-        _need(key_padding_mask.dtype == torch.bool,
-              f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}", TypeError)
-        _need(tuple(key_padding_mask.shape) == (B, S),
-              f"key_padding_mask must have shape [B, S] = [{B}, {S}], got {list(key_padding_mask.shape)}")
-        _need(key_padding_mask.device == q.device, f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+        kpm = key_padding_mask
+        _need(kv_lens is None, lambda: "pass either kv_lens or key_padding_mask, not both")
+        _need(isinstance(kpm, torch.Tensor), lambda: "key_padding_mask must be a torch.Tensor", TypeError)
+        _need(kpm.dtype == torch.bool, lambda: f"key_padding_mask must be bool (True = attend), got {kpm.dtype}", TypeError)
+        _need(kpm.dim() == 2 and kpm.shape[0] == B and kpm.shape[1] == S,
+              lambda: f"key_padding_mask must have shape [B, S] = [{B}, {S}], got {list(kpm.shape)}")
+        _need(kpm.device == q.device, lambda: f"key_padding_mask is on {kpm.device} but q is on {q.device}")
     _need(isinstance(dropout_p, (int, float)) and 0.0 <= float(dropout_p) < 1.0,
-          f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+          lambda: f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if scale is not None:
-        _need(isinstance(scale, (int, float)) and float(scale) > 0.0 and float(scale) != float("inf"),
-              f"scale must be a positive finite float or None, got {scale!r}")
+        _need(isinstance(scale, (int, float)) and 0.0 < float(scale) < float("inf"),
+              lambda: f"scale must be a positive finite float or None, got {scale!r}")
 
 
 # Tensors already found in range, with the version and bounds they were checked at. A model passes the
@@ -83,8 +91,9 @@ _checked = WeakIdKeyDictionary()  # keyed by identity: tensors compare elementwi
 def _needs_check(x, lo: int, hi: int) -> bool:
     if x is None or x.numel() == 0:
         return False
-    seen = _checked.get(x)
-    return seen is None or seen != (x._version, lo, hi)
+    if x.is_inference():  # inference tensors have no version counter: always check
+        return True
+    return _checked.get(x) != (x._version, lo, hi)
 
 
 def check_values(prefix_index, prefix_lens, kv_lens, T: int, P: int, S: int) -> None:
@@ -101,4 +110,5 @@ def check_values(prefix_index, prefix_lens, kv_lens, T: int, P: int, S: int) -> 
     for is_bad, (x, lo, hi, msg) in zip(bad, todo):
         if is_bad:
             raise ValueError(msg)
-        _checked[x] = (x._version, lo, hi)
+        if not x.is_inference():
+            _checked[x] = (x._version, lo, hi)
