@@ -4,7 +4,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Machines with an NVIDIA driver get PyPI's default (CUDA) torch; others the CPU build, torch 2.13.0.
+# A Python that already has torch keeps it (the venv sees its packages). Otherwise machines with an
+# NVIDIA driver get PyPI's default (CUDA) torch, and others the CPU build, torch 2.13.0.
+HAS_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo 1)
+VENV_FLAGS := $(if $(HAS_TORCH),--system-site-packages,)
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.11" || echo "torch==2.13.0")
 PYTEST_WORKERS ?= auto
 
@@ -13,8 +16,8 @@ PYTEST_WORKERS ?= auto
 setup: $(VENV)/.ready
 
 $(VENV)/.ready: pyproject.toml setup.py
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(if $(HAS_TORCH),,$(BIN)/python -m pip install -q "$(TORCH)")
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 

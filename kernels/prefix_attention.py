@@ -36,11 +36,12 @@ def _block_d(d: int) -> int:
 def _config(kind: str, L: int, N: int, D: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a kernel kind ("fwd", "dq", "dkdv").
 
-    The interpreter runs one program at a time, so it gets the largest blocks the shape allows. On a GPU
+    The interpreter runs one program at a time, so it gets the largest blocks the shape allows (unless
+    PTV2_FAST_INTERPRET_GPU_BLOCKS=1, which lets tests check the GPU configurations on the CPU). On a GPU
     the blocks shrink with the head dim to stay inside registers and shared memory (tl.dot needs >= 16),
     and the query block shrinks for short queries (decode-like L) so few rows are wasted.
     """
-    if _interpreting():
+    if _interpreting() and os.environ.get("PTV2_FAST_INTERPRET_GPU_BLOCKS", "0") != "1":
         bm = min(128, max(16, triton.next_power_of_2(L)))
         bn = min(128, max(16, triton.next_power_of_2(N)))
         return bm, bn, 4, 1

@@ -65,6 +65,14 @@ BAD = [
     ("dropout 1", dict(dropout_p=1.0), ValueError, "dropout_p"),
     ("dropout negative", dict(dropout_p=-0.1), ValueError, "dropout_p"),
     ("scale", dict(scale=-1.0), ValueError, "scale"),
+    ("kv_lens dtype", dict(kv_lens=torch.tensor([1.0, 2.0])), TypeError, "kv_lens must be int"),
+    ("prefix_lens dtype", dict(prefix_lens=torch.tensor([1.0, 2.0, 0.0])), TypeError, "prefix_lens must be int"),
+    ("prefix_index device", dict(prefix_index=torch.tensor([0, 1], device="meta")), ValueError, "prefix_index is on meta"),
+    ("mask device", dict(key_padding_mask=torch.ones(B, S, dtype=torch.bool, device="meta")), ValueError,
+     "key_padding_mask is on meta"),
+    ("scale nan", dict(scale=float("nan")), ValueError, "scale"),
+    ("scale inf", dict(scale=float("inf")), ValueError, "scale"),
+    ("q not a tensor", dict(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
     ("backend name", dict(backend="flash"), ValueError, "backend must be one of"),
     ("backend not built", dict(backend="cpp"), BackendUnavailable, "not part of this build"),
 ]
@@ -104,6 +112,25 @@ def test_unchecked_input_is_clamped_inside_the_kernels():
                                         kv_lens=kvl.clamp(0, S), return_lse=True, compute_dtype=torch.float64)
     torch.testing.assert_close(out.double(), ref.double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_unchecked_input_is_clamped_in_the_backward_kernels_too():
+    from ptv2_fast.kernels import prefix_attention_bwd, prefix_attention_fwd
+    from ptv2_fast.ops.backends import ref_bwd
+
+    from _util import DEVICE
+
+    a = {n: x.to(DEVICE) for n, x in _args(prefix_index=torch.tensor([7, -3])).items()}
+    plens, kvl = torch.tensor([P + 5, -1, 2], device=DEVICE), torch.tensor([S + 9, -4], device=DEVICE)
+    tensors = [a[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    common = (False, D ** -0.5, 0.0, 0, 0)
+    out, lse = prefix_attention_fwd(*tensors, a["prefix_index"], plens, kvl, None, *common)
+    dout = torch.randn_like(out)
+    got = prefix_attention_bwd(dout, None, *tensors, a["prefix_index"], plens, kvl, None, out, lse, *common)
+    clamped = (a["prefix_index"].clamp(0, T - 1), plens.clamp(0, P), kvl.clamp(0, S))
+    want = ref_bwd(dout, None, *tensors, *clamped, None, out, lse, *common)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_checks_run_before_values_are_used_on_any_backend():

@@ -60,9 +60,9 @@ def test_reference_backend_matches_too(case):
     check_case(case, backend="reference")
 
 
-# Larger shapes for the GPU: several blocks along every axis with the GPU block configurations, and the
-# extreme head dims (too slow for the interpreter).
-GPU_ONLY_CASES = [
+# Larger shapes: several blocks along every axis, and the extreme head dims. fp32 in the interpreter;
+# all dtypes on a GPU.
+LARGE_CASES = [
     Case(B=4, Hq=16, Hkv=16, L=256, S=256, P=64, T=3, D=64, mask="kpm", plens=True),
     Case(B=2, Hq=8, Hkv=2, L=300, S=1000, P=128, T=3, D=128, causal=True, mask="kv_lens", layout="blhd"),
     Case(B=2, Hq=4, Hkv=1, L=129, S=190, P=33, T=2, D=256, causal=True),
@@ -72,9 +72,29 @@ GPU_ONLY_CASES = [
 ]
 
 
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id()) for c in LARGE_CASES])
+def test_large_shapes_match_fp64_reference(case, poisoned_outputs):
+    check_case(case, backend="triton")
+
+
+# The GPU block configurations (small blocks, many programs, loops over many key/query blocks), checked in
+# the interpreter: without this switch the interpreter uses one large block per axis.
+GPU_BLOCK_CASES = [
+    Case(B=2, Hq=4, Hkv=2, L=150, S=170, P=40, T=3, D=64, causal=True, mask="kv_lens", plens=True),
+    Case(B=2, Hq=2, Hkv=1, L=70, S=90, P=33, T=2, D=128, mask="kpm", dtype=BF16),
+    Case(B=2, Hq=2, Hkv=2, L=40, S=50, P=20, T=2, D=256, causal=True, dtype=F16),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id()) for c in GPU_BLOCK_CASES])
+def test_gpu_block_configs_match_fp64_reference(case, monkeypatch, poisoned_outputs):
+    monkeypatch.setenv("PTV2_FAST_INTERPRET_GPU_BLOCKS", "1")
+    check_case(case, backend="triton")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("base", [pytest.param(c, id=c.id()) for c in BASE_CASES + GPU_ONLY_CASES])
+@pytest.mark.parametrize("base", [pytest.param(c, id=c.id()) for c in BASE_CASES + LARGE_CASES])
 def test_gpu_matches_fp64_reference(base, dtype, poisoned_outputs):
     check_case(Case(**{**base.__dict__, "dtype": dtype}), device="cuda", backend="triton")
 
@@ -103,17 +123,54 @@ def test_prefix_gradient_sums_rows_of_a_task_and_zeroes_unused_rows():
     torch.testing.assert_close(gk[1], (per_row[0] + per_row[1])[0], rtol=1e-5, atol=1e-5)
 
 
-def test_deterministic_bitwise():
-    tensors_case = Case(P=7, T=3, Hkv=2, mask="kpm")
+def test_deterministic_bitwise_including_row_splits(monkeypatch):
+    # Many rows per task, and the split-over-rows path of the prefix gradient forced on.
     from _util import make_problem, run_op
 
+    monkeypatch.setenv("PTV2_FAST_PREFIX_SPLITS", "3")
+    case = Case(B=32, Hq=2, Hkv=1, L=9, S=11, P=7, T=2, D=16, mask="kpm")
     runs = []
     for _ in range(2):
-        tensors, idx, kw, dout, dlse = make_problem(tensors_case)
+        tensors, idx, kw, dout, dlse = make_problem(case)
         runs.append(run_op(tensors, idx, kw, dout, dlse))
     (o1, l1, g1), (o2, l2, g2) = runs
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_strided_index_vectors_masks_and_grads_and_int32():
+    # Views with strides for every vector argument, an expanded dout, int32 indices: same result as
+    # contiguous int64 inputs.
+    from _util import make_problem
+
+    case = Case(B=4, P=7, T=3, Hkv=2, causal=True, plens=True, mask="kv_lens")
+    tensors, idx, kw, dout, _ = make_problem(case)
+    base = ptv2_fast_call(tensors, idx, kw, dout)
+    strided = {
+        "prefix_lens": torch.stack([kw["prefix_lens"], kw["prefix_lens"]], 1)[:, 0],
+        "kv_lens": torch.stack([kw["kv_lens"].int(), kw["kv_lens"].int()], 1)[:, 1],
+        "causal": True,
+    }
+    sidx = torch.stack([idx.int(), idx.int()], 1)[:, 1]
+    assert not any(x.is_contiguous() for x in (strided["prefix_lens"], strided["kv_lens"], sidx))
+    got = ptv2_fast_call(tensors, sidx, strided, dout)
+    for a, b in zip(got, base):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # A strided key_padding_mask and a stride-0 (expanded) dout.
+    kpm = torch.rand(case.B, 2 * case.S, generator=torch.Generator().manual_seed(0)) > 0.3
+    kpm_view, kpm_dense = kpm.to(DEVICE)[:, ::2], kpm.to(DEVICE)[:, ::2].contiguous()
+    dexp = dout[:, :1].expand_as(dout)
+    a = ptv2_fast_call(tensors, idx, {"key_padding_mask": kpm_view}, dexp)
+    b = ptv2_fast_call(tensors, idx, {"key_padding_mask": kpm_dense}, dexp.contiguous())
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def ptv2_fast_call(tensors, idx, kw, dout):
+    from ptv2_fast import prefix_attention
+
+    out = prefix_attention(*tensors, idx, backend="triton", **kw)
+    return (out,) + torch.autograd.grad(out, tensors, dout)
 
 
 def test_prefix_row_splits_match(monkeypatch):

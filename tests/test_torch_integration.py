@@ -27,20 +27,59 @@ def test_opcheck_with_dropout_and_key_padding_mask():
     torch.library.opcheck(torch.ops.ptv2_fast.prefix_attention.default, tuple(args))
 
 
-def test_torch_compile_forward_and_backward():
-    case = Case(B=2, Hq=4, Hkv=2, L=9, S=11, P=4, T=3, D=16, causal=True, mask="kv_lens", plens=True)
-    tensors, idx, kw, dout, _ = make_problem(case)
+def test_opcheck_backward_op():
+    q, k, v, pk, pv, idx, plens, kvl, kpm, causal, scale, p, key, backend = _sample()
+    out, lse = torch.ops.ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, plens, kvl, kpm, causal, scale, p, key,
+                                                    backend)
+    dout = torch.randn(out.shape[0], out.shape[2], out.shape[1], out.shape[3]).transpose(1, 2)  # non-contiguous
+    for dlse in (None, torch.randn_like(lse)):
+        args = (dout, dlse, q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(), idx, plens, kvl, kpm,
+                out.detach(), lse.detach(), causal, scale, p, key, backend)
+        torch.library.opcheck(torch.ops.ptv2_fast.prefix_attention_backward.default, args)
 
+
+def _layer(idx, kw, dout, dlse):
     def layer(q, k, v, pk, pv):
-        out = ptv2_fast.prefix_attention(torch.tanh(q), k, v, pk * 2.0, pv, idx, backend="triton", **kw)
-        return (out * dout).sum()
+        out, lse = ptv2_fast.prefix_attention(torch.tanh(q), k, v, pk * 2.0, pv, idx, backend="triton",
+                                              return_lse=True, **kw)
+        return (out * dout).sum() + (torch.nan_to_num(lse, neginf=0.0) * dlse).sum(), out
+    return layer
 
-    eager = torch.autograd.grad(layer(*tensors), tensors)
+
+@pytest.mark.parametrize("mask", ["kv_lens", "kpm"])
+def test_torch_compile_forward_and_backward(mask):
+    case = Case(B=2, Hq=4, Hkv=2, L=9, S=11, P=4, T=3, D=16, causal=True, mask=mask, plens=True)
+    tensors, idx, kw, dout, dlse = make_problem(case)
+    layer = _layer(idx, kw, dout, dlse)
+    loss, out = layer(*tensors)
+    eager = torch.autograd.grad(loss, tensors)
     torch._dynamo.reset()
     compiled = torch.compile(layer, backend="inductor", fullgraph=True)
-    got = torch.autograd.grad(compiled(*tensors), tensors)
+    c_loss, c_out = compiled(*tensors)
+    torch.testing.assert_close(c_out, out, rtol=1e-6, atol=1e-6)
+    got = torch.autograd.grad(c_loss, tensors)
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_dynamic_batch_and_dropout_compiles_once():
+    # Batch sizes 2..4 in one dynamic graph, dropout inside the graph, value checks still enforced.
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+
+    def f(q, k, v, pk, pv, idx):
+        return ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, dropout_p=0.1, backend="triton").sum()
+
+    compiled = torch.compile(f, backend=counter, dynamic=True, fullgraph=True)
+    torch._dynamo.reset()
+    for B in (2, 3, 4):
+        # Sizes distinct from every B, so duck sizing does not tie the batch to another dimension.
+        (q, k, v, pk, pv), idx, _, _, _ = make_problem(Case(B=B, Hq=6, Hkv=1, L=9, S=10, P=11, T=5, D=16))
+        compiled(q, k, v, pk, pv, idx)
+    assert counter.frame_count == 1, counter.frame_count
+    with pytest.raises(ValueError, match="prefix_index has values outside"):
+        compiled(q, k, v, pk, pv, torch.full_like(idx, 5))
 
 
 def test_gradcheck_fp64_through_the_public_op():
