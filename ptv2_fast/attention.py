@@ -45,7 +45,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_l
     Returns:
         out [B, Hq, L, D] in q's dtype, or (out, lse) with ``return_lse``. A query that sees no key at
         all gets out = 0 and lse = -inf, never NaN. Gradients flow to q, k, v, prefix_k and prefix_v; the
-        bank's gradient sums the rows that share a task and is 0 for unused rows.
+        bank's gradient sums the rows that share a task and is 0 for unused rows. Deterministic;
+        first-order only (a second backward raises).
     """
     pk, pv = as_bank(prefix_k), as_bank(prefix_v)
     checks.check_shapes(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask, dropout_p, scale)

@@ -184,3 +184,62 @@ def test_prefix_row_splits_match(monkeypatch):
     _, _, g3 = run_op(tensors, idx, kw, dout, dlse)
     for a, b in zip(g1, g3):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+class _Allocations:
+    """Records the shape of every tensor produced by an aten op called (directly) inside the block."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        shapes = self.shapes = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        shapes.append(tuple(t.shape))
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def _expanded_buffers(shapes, case):
+    B, Hkv, P, S, D = case.B, case.Hkv, case.P, case.S, case.D
+    bad = []
+    for shape in shapes:
+        if len(shape) == 4 and shape[-1] == D and shape[2] in (P, P + S) and shape[0] == B:
+            bad.append(shape)  # concatenated K/V, or a per-row copy of the prefix or of its gradient
+        elif len(shape) >= 4 and P in shape and torch.Size(shape).numel() >= B * Hkv * P * D:
+            bad.append(shape)  # a prefix buffer as large as a B-fold copy
+    return bad
+
+
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_no_concatenation_and_no_batch_expanded_prefix_buffer(with_dropout):
+    # Every tensor the Triton launchers allocate in forward and backward, recorded: none may hold the
+    # concatenated keys/values or a per-row (B-fold) copy of the prefix or of its gradient. The same
+    # recorder run on the reference backend, which does concatenate, shows the check can fail.
+    from ptv2_fast.kernels import prefix_attention_bwd, prefix_attention_fwd
+    from ptv2_fast.ops.backends import ref_fwd
+
+    from _util import make_problem
+
+    case = Case(B=6, Hq=4, Hkv=2, L=13, S=19, P=11, T=3, D=32, causal=True, mask="kv_lens")
+    (q, k, v, pk, pv), idx, kw, dout, dlse = make_problem(case)
+    q, k, v, pk, pv = (x.detach() for x in (q, k, v, pk, pv))
+    args = (idx, None, kw["kv_lens"], None, True, case.D ** -0.5, 0.1 if with_dropout else 0.0, 3, 4)
+    with _Allocations() as rec:
+        out, lse = prefix_attention_fwd(q, k, v, pk, pv, *args[:-5], *args[-5:])
+        prefix_attention_bwd(dout, dlse, q, k, v, pk, pv, *args[:4], out, lse, *args[4:])
+    assert len(rec.shapes) >= 6, rec.shapes
+    assert _expanded_buffers(rec.shapes, case) == []
+    with _Allocations() as ref:
+        ref_fwd(q, k, v, pk, pv, *args)
+    assert _expanded_buffers(ref.shapes, case), "the recorder failed to see the reference's concatenation"
