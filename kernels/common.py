@@ -47,3 +47,45 @@ def load_tile(ptr, offs_r, offs_d, stride_r, stride_d, n_rows, n_dim, UPCAST: tl
     if UPCAST:
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def row_lengths(PIDX, PLENS, KVLENS, b, T, P, S,
+                HAS_PIDX: tl.constexpr, HAS_PLENS: tl.constexpr, HAS_KVLENS: tl.constexpr):
+    """(t, plen, kv_end) of batch row b: its bank row, its prefix length and its sequence length.
+
+    Clamped into [0, T), [0, P] and [0, S] before any use, so unchecked input never reads out of bounds.
+    """
+    t = tl.program_id(0) * 0
+    if HAS_PIDX:
+        t = tl.minimum(tl.maximum(tl.load(PIDX + b), 0), T - 1).to(tl.int32)
+    plen = t * 0 + P
+    if HAS_PLENS:
+        plen = tl.minimum(tl.maximum(tl.load(PLENS + t), 0), P).to(tl.int32)
+    kv_end = t * 0 + S
+    if HAS_KVLENS:
+        kv_end = tl.minimum(tl.maximum(tl.load(KVLENS + b), 0), S).to(tl.int32)
+    return t, plen, kv_end
+
+
+@triton.jit
+def sequence_key_end(kv_end, start_m, L, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """End of the sequence keys a query block [start_m, start_m + BLOCK_M) can see: with bottom-right
+    causal alignment query i sees key j iff j <= i + S - L, so no key past the block's last query."""
+    n_end = kv_end
+    if CAUSAL:
+        n_end = tl.minimum(n_end, tl.maximum(start_m + BLOCK_M + S - L, 0))
+    return n_end
+
+
+@triton.jit
+def sequence_visible(KPM, b, stride_kpmb, stride_kpmn, offs_m, offs_n, n_end, L, S,
+                     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr):
+    """[M, N] visibility of sequence keys offs_n to queries offs_m: in range, not padded, causal."""
+    visible = (offs_m[:, None] < L) & (offs_n[None, :] < n_end)
+    if HAS_KPM:
+        kpm = tl.load(KPM + b * stride_kpmb + offs_n * stride_kpmn, mask=offs_n < n_end, other=0)
+        visible = visible & (kpm != 0)[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (S - L))
+    return visible

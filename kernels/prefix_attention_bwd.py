@@ -21,7 +21,7 @@ Three kernels, none with atomics, so results are bitwise deterministic:
 import triton
 import triton.language as tl
 
-from .common import LOG2E_C, dropout_keep, load_tile
+from .common import LOG2E_C, dropout_keep, load_tile, row_lengths, sequence_key_end, sequence_visible
 
 
 @triton.jit
@@ -82,15 +82,7 @@ def prefix_attention_bwd_dq_kernel(
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
-    t = pid_m * 0
-    if HAS_PIDX:
-        t = tl.minimum(tl.maximum(tl.load(PIDX + b), 0), T - 1).to(tl.int32)
-    plen = t * 0 + P
-    if HAS_PLENS:
-        plen = tl.minimum(tl.maximum(tl.load(PLENS + t), 0), P).to(tl.int32)
-    kv_end = t * 0 + S
-    if HAS_KVLENS:
-        kv_end = tl.minimum(tl.maximum(tl.load(KVLENS + b), 0), S).to(tl.int32)
+    t, plen, kv_end = row_lengths(PIDX, PLENS, KVLENS, b, T, P, S, HAS_PIDX, HAS_PLENS, HAS_KVLENS)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -115,21 +107,14 @@ def prefix_attention_bwd_dq_kernel(
             keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
         dq = _dq_step(dq, q, do, lse2, delta, k, v, visible, keep, qk_scale, dropout_scale, DROPOUT, DOT_PREC)
 
-    n_end = kv_end
-    if CAUSAL:
-        n_end = tl.minimum(n_end, tl.maximum((pid_m + 1) * BLOCK_M + S - L, 0))
+    n_end = sequence_key_end(kv_end, pid_m * BLOCK_M, L, S, BLOCK_M, CAUSAL)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     for start_n in range(0, n_end, BLOCK_N):
         offs_n = start_n + offs_n0
         k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, n_end, D, UPCAST)
         v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, n_end, D, UPCAST)
-        visible = row_ok[:, None] & (offs_n[None, :] < n_end)
-        if HAS_KPM:
-            kpm = tl.load(KPM + b * stride_kpmb + offs_n * stride_kpmn, mask=offs_n < n_end, other=0)
-            visible = visible & (kpm != 0)[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + (S - L))
+        visible = sequence_visible(KPM, b, stride_kpmb, stride_kpmn, offs_m, offs_n, n_end, L, S, HAS_KPM, CAUSAL)
         if DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], P + offs_n[None, :], dropout_p)
         dq = _dq_step(dq, q, do, lse2, delta, k, v, visible, keep, qk_scale, dropout_scale, DROPOUT, DOT_PREC)

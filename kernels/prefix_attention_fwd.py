@@ -17,7 +17,7 @@ m = -inf, l = 0 and is written as out = 0, lse = -inf.
 import triton
 import triton.language as tl
 
-from .common import LN2_C, dropout_keep, load_tile
+from .common import LN2_C, dropout_keep, load_tile, row_lengths, sequence_key_end, sequence_visible
 
 
 @triton.jit
@@ -61,15 +61,7 @@ def prefix_attention_fwd_kernel(
     hk = h // GROUP
 
     # Indices and lengths are clamped so that unchecked input can never read outside a tensor.
-    t = pid_m * 0
-    if HAS_PIDX:
-        t = tl.minimum(tl.maximum(tl.load(PIDX + b), 0), T - 1).to(tl.int32)
-    plen = t * 0 + P
-    if HAS_PLENS:
-        plen = tl.minimum(tl.maximum(tl.load(PLENS + t), 0), P).to(tl.int32)
-    kv_end = t * 0 + S
-    if HAS_KVLENS:
-        kv_end = tl.minimum(tl.maximum(tl.load(KVLENS + b), 0), S).to(tl.int32)
+    t, plen, kv_end = row_lengths(PIDX, PLENS, KVLENS, b, T, P, S, HAS_PIDX, HAS_PLENS, HAS_KVLENS)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -99,10 +91,7 @@ def prefix_attention_fwd_kernel(
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, keep, dropout_scale, DROPOUT, DOT_PREC)
 
     # Stage 2: the sequence, with padding and bottom-right causal masks.
-    n_end = kv_end
-    if CAUSAL:
-        # Query i sees sequence key j iff j <= i + S - L; no key past the block's last query is needed.
-        n_end = tl.minimum(n_end, tl.maximum((pid_m + 1) * BLOCK_M + S - L, 0))
+    n_end = sequence_key_end(kv_end, pid_m * BLOCK_M, L, S, BLOCK_M, CAUSAL)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     for start_n in range(0, n_end, BLOCK_N):
@@ -110,12 +99,7 @@ def prefix_attention_fwd_kernel(
         k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, n_end, D, UPCAST)
         v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, n_end, D, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        visible = row_ok[:, None] & (offs_n[None, :] < n_end)
-        if HAS_KPM:
-            kpm = tl.load(KPM + b * stride_kpmb + offs_n * stride_kpmn, mask=offs_n < n_end, other=0)
-            visible = visible & (kpm != 0)[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + (S - L))
+        visible = sequence_visible(KPM, b, stride_kpmb, stride_kpmn, offs_m, offs_n, n_end, L, S, HAS_KPM, CAUSAL)
         s = tl.where(visible, s, float("-inf"))
         if DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], P + offs_n[None, :], dropout_p)
