@@ -4,11 +4,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A Python that already has torch keeps it (the venv sees its packages). Otherwise machines with an
-# NVIDIA driver get PyPI's default (CUDA) torch, and others the CPU build, torch 2.13.0.
-HAS_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo 1)
-VENV_FLAGS := $(if $(HAS_TORCH),--system-site-packages,)
+# A Python that already has torch lends it to the venv (system site packages). If the venv still has no
+# torch >= 2.11, it gets one: PyPI's default (CUDA) build on machines with an NVIDIA driver, else the
+# CPU build, torch 2.13.0.
+HAS_TORCH = $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo 1)
+VENV_FLAGS = $(if $(HAS_TORCH),--system-site-packages,)
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.11" || echo "torch==2.13.0")
+TORCH_OK = import torch, sys; sys.exit(tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 11))
 PYTEST_WORKERS ?= auto
 
 .PHONY: setup demo test bench-gpu lint clean
@@ -17,7 +19,7 @@ setup: $(VENV)/.ready
 
 $(VENV)/.ready: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	$(if $(HAS_TORCH),,$(BIN)/python -m pip install -q "$(TORCH)")
+	$(BIN)/python -c '$(TORCH_OK)' 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 

@@ -151,3 +151,23 @@ def test_value_checks_are_cached_per_tensor_version_and_bounds():
     checks.check_values(ok, None, None, T=3, P=4, S=5)
     with pytest.raises(ValueError, match="prefix_index"):  # same tensor, smaller bank: checked again
         checks.check_values(ok, None, None, T=2, P=4, S=5)
+
+
+def test_auto_warns_once_and_falls_back_when_triton_cannot_load(monkeypatch):
+    from ptv2_fast.ops import backends
+
+    def broken():
+        raise BackendUnavailable("backend='triton' needs a working triton install (ImportError: no triton)")
+
+    monkeypatch.setattr(backends, "_triton_kernels", broken)
+    with pytest.warns(UserWarning, match="falls back to the concatenating reference"):
+        assert backends.resolve("auto", torch.device("cuda")) == "reference"
+    with pytest.raises(BackendUnavailable, match="no triton"):
+        backends.resolve("triton", torch.device("cuda"))
+
+
+def test_rng_key_is_validated():
+    a = _args()
+    with pytest.raises(ValueError, match="rng_key must be an int64 CPU tensor"):
+        torch.ops.ptv2_fast.prefix_attention(a["q"], a["k"], a["v"], a["prefix_k"], a["prefix_v"], a["prefix_index"],
+                                             None, None, None, False, 0.25, 0.1, torch.tensor([1, 2, 3]), "reference")

@@ -88,7 +88,12 @@ GPU_BLOCK_CASES = [
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id()) for c in GPU_BLOCK_CASES])
 def test_gpu_block_configs_match_fp64_reference(case, monkeypatch, poisoned_outputs):
+    from ptv2_fast.kernels import prefix_attention as launch
+
+    big = launch._config("fwd", case.L, max(case.S, case.P), case.D)
     monkeypatch.setenv("PTV2_FAST_INTERPRET_GPU_BLOCKS", "1")
+    small = launch._config("fwd", case.L, max(case.S, case.P), case.D)
+    assert small != big or not launch._interpreting(), "the switch did not select the GPU block configuration"
     check_case(case, backend="triton")
 
 

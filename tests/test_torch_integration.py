@@ -93,3 +93,20 @@ def test_gradcheck_fp64_through_the_public_op():
         return ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, backend="triton", **kw)
 
     assert torch.autograd.gradcheck(f, tensors, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_under_reduce_overhead_compile():
+    # torch.compile(mode="reduce-overhead") captures CUDA graphs: the op must not sync the host meanwhile.
+    case = Case(B=2, Hq=4, Hkv=2, L=33, S=40, P=16, T=3, D=64, causal=True, mask="kv_lens", dtype=torch.bfloat16)
+    (q, k, v, pk, pv), idx, kw, _, _ = make_problem(case, device="cuda")
+    q, k, v, pk, pv = (x.detach() for x in (q, k, v, pk, pv))
+
+    def f(q, k, v, pk, pv, idx, kv_lens):
+        return ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, kv_lens=kv_lens, causal=True)
+
+    compiled = torch.compile(f, mode="reduce-overhead")
+    want = f(q, k, v, pk, pv, idx, kw["kv_lens"])
+    for _ in range(3):
+        got = compiled(q, k, v, pk, pv, idx, kw["kv_lens"].clone())
+    torch.testing.assert_close(got, want)

@@ -20,16 +20,11 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here (not installed, not built, or wrong device)."""
 
 
-_triton_error: str | None = None
-
-
 def _triton_kernels():
-    global _triton_error
     try:
         from .. import kernels
     except Exception as e:  # triton missing, or a triton whose API this release does not know
-        _triton_error = f"{type(e).__name__}: {e}"
-        raise BackendUnavailable(f"backend='triton' needs a working triton install ({_triton_error})") from e
+        raise BackendUnavailable(f"backend='triton' needs a working triton install ({type(e).__name__}: {e})") from e
     return kernels
 
 
@@ -48,8 +43,8 @@ def resolve(backend: str, device: torch.device) -> str:
             _triton_kernels()
             return "triton"
         except BackendUnavailable as e:
-            warnings.warn(f"ptv2_fast: the fused Triton kernels are unavailable ({e}); falling back to the "
-                          "concatenating reference backend, which is slower and uses more memory.", stacklevel=3)
+            warnings.warn(f"ptv2_fast: {e}; backend='auto' falls back to the concatenating reference "
+                          "backend, which is slower and uses more memory.", stacklevel=3)
             return "reference"
     if backend == "triton":
         if device.type == "cpu" and not _interpreting():

@@ -15,7 +15,18 @@ from . import backends, checks
 
 def _rng(rng_key: Tensor | None) -> tuple[int, int]:
     # The dropout key (seed, offset) travels as a CPU tensor so torch.compile keeps the draw in its graph.
-    return (0, 0) if rng_key is None else tuple(int(x) for x in rng_key.tolist())
+    if rng_key is None:
+        return 0, 0
+    if rng_key.device.type != "cpu" or rng_key.dtype != torch.int64 or tuple(rng_key.shape) != (2,):
+        raise ValueError(f"rng_key must be an int64 CPU tensor of shape [2] (seed, offset), got "
+                         f"{rng_key.dtype} {list(rng_key.shape)} on {rng_key.device}")
+    seed, offset = rng_key.tolist()
+    return int(seed), int(offset)
+
+
+def _capturing(q: Tensor) -> bool:
+    # No host sync may happen while a CUDA graph is being captured (torch.compile mode="reduce-overhead").
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 @torch.library.custom_op("ptv2_fast::prefix_attention", mutates_args=())
@@ -26,7 +37,8 @@ def prefix_attention_op(
     rng_key: Tensor | None, backend: str,
 ) -> tuple[Tensor, Tensor]:
     """out [B, Hq, L, D] (q's dtype), lse [B, Hq, L] float32. ``rng_key``: int64 [2] (seed, offset) on the CPU."""
-    checks.check_values(prefix_index, prefix_lens, kv_lens, prefix_k.shape[0], prefix_k.shape[2], k.shape[2])
+    if not _capturing(q):  # during CUDA-graph capture the kernels' clamping is the only guard
+        checks.check_values(prefix_index, prefix_lens, kv_lens, prefix_k.shape[0], prefix_k.shape[2], k.shape[2])
     return backends.FWD[backend](q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                                  key_padding_mask, causal, scale, dropout_p, *_rng(rng_key))
 
