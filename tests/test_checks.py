@@ -21,7 +21,11 @@ def _args(**over):
 
 
 def _call(backend="triton", **over):
-    a = _args(**over)
+    # On the test device (the GPU when there is one); tensors placed elsewhere on purpose (meta) stay there.
+    from _util import DEVICE
+
+    a = {n: x.to(DEVICE) if isinstance(x, torch.Tensor) and x.device.type == "cpu" else x
+         for n, x in _args(**over).items()}
     pos = [a.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v", "prefix_index")]
     return ptv2_fast.prefix_attention(*pos, backend=backend, **a)
 
