@@ -29,11 +29,7 @@ def widened_mask(q, k, prefix_k, prefix_index=None, prefix_lens=None, kv_lens=No
 
 def naive_eager(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
                 key_padding_mask=None, causal=False, scale=None):
-    keys, values = concat_prefix(k, v, prefix_k, prefix_v, prefix_index)
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        keys = keys.repeat_interleave(group, dim=1)
-        values = values.repeat_interleave(group, dim=1)
+    keys, values = concat_prefix(k, v, prefix_k, prefix_v, prefix_index, group=q.shape[1] // k.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
     mask = widened_mask(q, k, prefix_k, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal)

@@ -14,15 +14,21 @@ def as_bank(prefix: torch.Tensor) -> torch.Tensor:
     return prefix.unsqueeze(0) if isinstance(prefix, torch.Tensor) and prefix.dim() == 3 else prefix
 
 
-def concat_prefix(k, v, prefix_k, prefix_v, prefix_index=None):
-    """The naive path's keys/values [B, Hkv, P + S, D]: each row's prefix copied in front of its sequence."""
+def concat_prefix(k, v, prefix_k, prefix_v, prefix_index=None, *, group: int = 1, dtype=None):
+    """The naive path's keys/values [B, Hkv * group, P + S, D]: each row's prefix copied in front of its
+    sequence, optionally cast to ``dtype`` and with each kv head repeated ``group`` times (GQA, as HF does)."""
     pk, pv = as_bank(prefix_k), as_bank(prefix_v)
     B = k.shape[0]
     if prefix_index is None:
         rows_k, rows_v = pk.expand(B, *pk.shape[1:]), pv.expand(B, *pv.shape[1:])
     else:
         rows_k, rows_v = pk[prefix_index.long()], pv[prefix_index.long()]
-    return torch.cat([rows_k, k], dim=2), torch.cat([rows_v, v], dim=2)
+    keys, values = torch.cat([rows_k, k], dim=2), torch.cat([rows_v, v], dim=2)
+    if dtype is not None:
+        keys, values = keys.to(dtype), values.to(dtype)
+    if group > 1:
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    return keys, values
 
 
 def visible_keys(B: int, L: int, S: int, P: int, *, prefix_index=None, prefix_lens=None, kv_lens=None,
@@ -66,9 +72,7 @@ def prefix_attention_ref(q, k, v, prefix_k, prefix_v, prefix_index=None, *, pref
     scale = D ** -0.5 if scale is None else scale
 
     # The naive path: one copy of the prefix per batch row, concatenated in front of the sequence.
-    keys, values = concat_prefix(k, v, prefix_k, prefix_v, prefix_index)
-    keys = keys.to(dt).repeat_interleave(group, dim=1)
-    values = values.to(dt).repeat_interleave(group, dim=1)
+    keys, values = concat_prefix(k, v, prefix_k, prefix_v, prefix_index, group=group, dtype=dt)
     scores = torch.matmul(q.to(dt), keys.transpose(-1, -2)) * scale
     vis = visible_keys(B, L, S, P, prefix_index=prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
                        key_padding_mask=key_padding_mask, causal=causal, device=q.device)[:, None]

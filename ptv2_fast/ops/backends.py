@@ -94,9 +94,7 @@ def ref_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, 
     Hkv, S = k.shape[1], k.shape[2]
     T, P = prefix_k.shape[0], prefix_k.shape[2]
     group = Hq // Hkv
-    keys, values = reference.concat_prefix(k, v, prefix_k, prefix_v, prefix_index)
-    keys = keys.to(cdt).repeat_interleave(group, dim=1)
-    values = values.to(cdt).repeat_interleave(group, dim=1)
+    keys, values = reference.concat_prefix(k, v, prefix_k, prefix_v, prefix_index, group=group, dtype=cdt)
     qc, doc = q.to(cdt), dout.to(cdt)
     vis = reference.visible_keys(B, L, S, P, prefix_index=prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
                                  key_padding_mask=key_padding_mask, causal=causal, device=q.device)[:, None]
