@@ -319,3 +319,18 @@ def test_torch_compile_training_step():
         grads.append(model.ptv2_prefix.embedding.grad.clone())
     torch.testing.assert_close(losses[0], losses[1])
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_readme_hf_examples_run():
+    """The README's Hugging Face examples run as written."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Use with Hugging Face"):text.index("## Where things are")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    scope = {}
+    for block in blocks:
+        exec(block, scope)
+    assert torch.isfinite(scope["loss"]) and scope["out"].shape == (3, 15)

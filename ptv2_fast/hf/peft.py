@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from .prefix_encoder import PrefixEncoder, bank_from_embeddings
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_ATTR = "_ptv2_fast_peft"
+_KEEP_TOKEN_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")  # PEFT drops token_type_ids for the other types
 
 
 def is_peft_prefix_model(model) -> bool:
@@ -79,9 +81,16 @@ def patch_peft_model(peft_model, *, backend="auto", shift_positions=True):
     originals = {name: peft_model.__dict__.get(name) for name in ("forward", "generate")}
     object.__setattr__(peft_model, _PEFT_ATTR, originals)
 
+    keeps_token_types = str(peft_model.active_peft_config.task_type).split(".")[-1] in _KEEP_TOKEN_TYPES
+
     def forward(*args, **kwargs):
         for name in ("task_ids", "num_items_in_batch"):
             kwargs.pop(name, None)
+        if not keeps_token_types and kwargs.get("token_type_ids") is not None:
+            # as PEFT's own forward does for these task types, so outputs stay equal to the unpatched model's
+            warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids",
+                          stacklevel=2)
+            kwargs["token_type_ids"] = None
         return base(*args, **kwargs)
 
     def generate(*args, **kwargs):
