@@ -225,6 +225,15 @@ def test_attention_really_goes_through_the_op(monkeypatch):
     assert seen == [((2, 4, 5, 16), (2, 2, 3, 16), True, True)] * 2  # 2 layers, GQA bank, padding, causal
 
 
+def test_only_prefix_and_head_train():
+    model = patch_model(tiny_model("roberta", "seq_cls"), prefix_len=2, projection=True)
+    trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("classifier") else "")
+                 for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"ptv2_prefix", "classifier.dense", "classifier.out_proj"}
+    frozen = patch_model(tiny_model("llama", "seq_cls"), prefix_len=2, train_head=False)
+    assert {n for n, p in frozen.named_parameters() if p.requires_grad} == {"ptv2_prefix.embedding"}
+
+
 def test_shared_config_keeps_other_models_attention():
     from _hf_util import tiny_config
     from transformers import AutoModel
@@ -311,7 +320,7 @@ def test_torch_compile_training_step():
     for compiled in (False, True):
         model = tiny_model("bert", "seq_cls").train()
         patch_model(model, prefix_len=3, num_tasks=2)
-        fn = torch.compile(model, backend="aot_eager") if compiled else model
+        fn = torch.compile(model) if compiled else model  # inductor, as users call it
         ids, mask = inputs(2, 6, "right")
         out = fn(input_ids=ids, attention_mask=mask, prefix_index=torch.tensor([1, 0]), labels=torch.tensor([0, 1]))
         out.loss.backward()
