@@ -93,7 +93,7 @@ def naive_forward(model, bank, prefix_index, input_ids, attention_mask, **kwargs
     mask widened by P ones (positions shift by P through the cache length)."""
     from transformers import DynamicCache
 
-    B = input_ids.shape[0]
+    B = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
     layers, _, T, _, P, _ = bank.shape
     rows = torch.zeros(B, dtype=torch.long) if prefix_index is None else prefix_index
     cache = DynamicCache(config=model.config)

@@ -194,3 +194,49 @@ def test_token_type_ids_handled_as_peft_does():
         without = naive_forward(plain, source(), None, ids, None).logits
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
     assert (want - without).abs().max() > 1e-4
+
+
+def test_num_items_in_batch_reaches_the_loss():
+    peft_model = _peft("llama", "causal_lm", "CAUSAL_LM")
+    ref = copy.deepcopy(peft_model)
+    patch_model(peft_model)
+    ids, mask = inputs(2, 8, "none")
+    got = peft_model(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(100)).loss
+    want = ref(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(100)).loss
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_patching_other_peft_models_or_options_is_refused():
+    from peft import LoraConfig
+
+    from ptv2_fast.hf import UnsupportedModelError
+
+    lora = get_peft_model(tiny_model("llama", "causal_lm"), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(UnsupportedModelError, match="LORA"):
+        patch_model(lora)
+    assert not is_patched(lora)
+    with pytest.raises(ValueError, match="do not apply"):
+        patch_model(_peft("gpt2", "causal_lm", "CAUSAL_LM"), prefix_len=3)
+
+
+def test_generate_beams_sequences_inputs_and_static_cache():
+    model = tiny_model("llama", "causal_lm").eval()
+    patch_model(model, prefix_len=4, num_tasks=2)
+    ids, _ = inputs(2, 6, "none")
+    index = torch.tensor([1, 0])
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    beams = model.generate(inputs=ids, prefix_index=index, num_beams=3, num_return_sequences=2, **kw)
+    assert beams.shape == (4, 11)
+    for b in range(2):
+        alone = model.generate(inputs=ids[b:b + 1], prefix_index=index[b:b + 1], num_beams=3,
+                               num_return_sequences=2, **kw)
+        assert torch.equal(beams[2 * b:2 * b + 2], alone)
+    with pytest.raises(NotImplementedError, match="default cache"):
+        model.generate(input_ids=ids, prefix_index=index, cache_implementation="static", **kw)
+
+
+def test_save_peft_adapter_checks_the_model(tmp_path):
+    from ptv2_fast.hf import PrefixEncoder
+
+    with pytest.raises(ValueError, match="does not fit"):
+        save_peft_adapter(PrefixEncoder(3, 2, 16, 4), 0, str(tmp_path), tiny_model("llama").config)

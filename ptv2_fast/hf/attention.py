@@ -75,6 +75,13 @@ def prefix_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
             "ptv2_fast attention supports plain causal or bidirectional masks with padding; this call builds "
             f"a different mask ({name}: packed sequences, chunked attention or a custom overlay). Pass an "
             "attention_mask instead of packed position_ids, or unpatch the model.")
+    if isinstance(q_offset, torch.Tensor) or isinstance(kv_length, torch.Tensor) or \
+            q_offset + q_length != kv_offset + kv_length:
+        # The op aligns queries bottom-right (they are the last keys), which is what a dynamic cache gives.
+        raise NotImplementedError(
+            "ptv2_fast attention needs the queries to be the last of the keys (the default dynamic cache); "
+            f"this cache gives {kv_length} key slots for queries at [{q_offset}, {q_offset}+{q_length}) "
+            "(a static, pre-allocated or sliding-window cache). Use the default cache (no cache_implementation).")
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:

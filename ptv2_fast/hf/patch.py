@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import types
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from . import attention as hf_attention
-from .models import geometry, resolve_path, spec_for
+from .models import UnsupportedModelError, geometry, resolve_path, spec_for
 from .prefix_encoder import PrefixEncoder
 
 _STATE_ATTR = "_ptv2_fast_patch"
@@ -33,15 +34,15 @@ class _Patch:
     source: nn.Module                       # callable returning the bank [layers, 2, T, Hkv, P, D]
     spec: object
     old_config: object
-    config_holders: list = field(default_factory=list)
-    hooks: list = field(default_factory=list)
-    tagged: list = field(default_factory=list)
-    frozen: list = field(default_factory=list)
-    originals: dict = field(default_factory=dict)  # instance attributes forward/generate replaced (None: none)
     shift_positions: bool = True
     backend: str = "auto"
-    shift: object = None                   # the current call's position shift: None, int or [B] tensor
-    fixed: hf_attention.PrefixContext | None = None  # set while generate() runs: one bank for all steps
+    config_holders: list = field(default_factory=list)
+    hooks: list = field(default_factory=list)       # (module, hook id): removed by id, so deepcopies stay apart
+    tagged: list = field(default_factory=list)
+    frozen: list = field(default_factory=list)
+    originals: dict = field(default_factory=dict)   # instance attributes forward/generate replaced (None: none)
+    shift: object = None      # the position shift the pre-hook adds in the current call: None, int or [B] tensor
+    fixed: tuple | None = None  # (context, shift) while generate() runs: one bank for every step
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -66,7 +67,8 @@ def patch_model(model: nn.Module, prefix: nn.Module | None = None, *, num_tasks:
     Args:
         model: a transformers model whose ``config.model_type`` is in ``ptv2_fast.hf.MODEL_TABLE`` (bert,
             roberta, gpt2, llama, mistral, qwen2; any head), or a PEFT prefix-tuning model (its prefix is
-            then served from the bank; see ``ptv2_fast.hf.peft``).
+            then served from the bank; see ``ptv2_fast.hf.peft``; only ``shift_positions`` and ``backend``
+            apply).
         prefix: a ``PrefixEncoder`` (or any module whose ``forward()`` returns [layers, 2, T, Hkv, P, D]).
             Default: a new ``PrefixEncoder(num_tasks=num_tasks, prefix_len=prefix_len, **encoder_options)``
             on the model's device, in fp32.
@@ -77,14 +79,22 @@ def patch_model(model: nn.Module, prefix: nn.Module | None = None, *, num_tasks:
 
     Returns the same model object, with ``model.ptv2_prefix`` the prefix module. Calls then take
     ``prefix_index=`` ([B] ints, the bank row of each batch row; optional when T == 1). Idempotent:
-    patching a patched model returns it unchanged (pass ``prefix`` only the first time).
+    patching a patched model returns it unchanged. If patching fails, the model is left as it was.
     """
-    from .peft import is_peft_prefix_model, patch_peft_model
+    from .peft import is_peft_model, is_peft_prefix_model, patch_peft_model
 
-    if is_peft_prefix_model(model):
+    if is_peft_model(model):
+        if not is_peft_prefix_model(model):
+            raise UnsupportedModelError(
+                f"patch_model takes PEFT prefix-tuning models; this one's active adapter is "
+                f"{model.active_peft_config.peft_type}")
+        if prefix is not None or prefix_len is not None or num_tasks != 1 or encoder_options or not freeze_base:
+            raise ValueError("patch_model(peft_model) serves the PEFT model's own prefix: prefix, prefix_len, "
+                             "num_tasks, freeze_base and encoder options do not apply")
         return patch_peft_model(model, backend=backend, shift_positions=shift_positions)
     if getattr(model, _STATE_ATTR, None) is not None:
         return model
+    # Validate everything before changing anything.
     spec = spec_for(model.config)
     geo = geometry(model.config)
     if prefix is None:
@@ -98,82 +108,97 @@ def patch_model(model: nn.Module, prefix: nn.Module | None = None, *, num_tasks:
     _check_prefix_geometry(prefix, geo)
     attn_modules = _attention_modules(model)
     if len({i for _, i in attn_modules}) != geo.num_layers:
-        raise hf_attention_error(model, len(attn_modules), geo.num_layers)
+        raise UnsupportedModelError(
+            f"patch_model found {len(attn_modules)} attention modules with a layer index in "
+            f"{type(model).__name__}, expected {geo.num_layers}; this model's attention layout is not supported")
+    try:
+        position_module = resolve_path(_backbone(model), spec.position_module)
+    except AttributeError:
+        raise UnsupportedModelError(f"{type(model).__name__} has no {spec.position_module!r} module where a "
+                                    f"{model.config.model_type} model consumes its position ids") from None
 
     hf_attention.register()
     state = _Patch(source=prefix, spec=spec, old_config=model.config, shift_positions=shift_positions,
                    backend=backend)
-    new_config = copy.deepcopy(model.config)
-    new_config._attn_implementation = hf_attention.IMPLEMENTATION
-    for module in model.modules():
-        if getattr(module, "config", None) is state.old_config:
-            state.config_holders.append(module)
-            module.config = new_config
-    for module, idx in attn_modules:
-        setattr(module, hf_attention.LAYER_ATTR, idx)
-        state.tagged.append(module)
-    if freeze_base:
-        for name, param in model.named_parameters():
-            head = train_head and any(part in HEAD_NAMES for part in name.split("."))
-            if param.requires_grad and not head:
-                param.requires_grad_(False)
-                state.frozen.append(param)
-    position_module = resolve_path(_backbone(model), spec.position_module)
-    state.hooks.append(position_module.register_forward_pre_hook(
-        functools.partial(_shift_hook, state), with_kwargs=True))
-
-    model.add_module("ptv2_prefix", prefix)
-    object.__setattr__(model, _STATE_ATTR, state)
-    for name, wrap in (("forward", _patched_forward), ("generate", _patched_generate)):
-        if hasattr(model, name):
-            state.originals[name] = model.__dict__.get(name)
-            setattr(model, name, wrap(model, getattr(model, name)))
+    try:
+        new_config = copy.deepcopy(model.config)
+        new_config._attn_implementation = hf_attention.IMPLEMENTATION
+        for module in model.modules():
+            if getattr(module, "config", None) is state.old_config:
+                state.config_holders.append(module)
+                module.config = new_config
+        for module, idx in attn_modules:
+            setattr(module, hf_attention.LAYER_ATTR, idx)
+            state.tagged.append(module)
+        if freeze_base:
+            for name, param in model.named_parameters():
+                head = train_head and any(part in HEAD_NAMES for part in name.split("."))
+                if param.requires_grad and not head:
+                    param.requires_grad_(False)
+                    state.frozen.append(param)
+        handle = position_module.register_forward_pre_hook(functools.partial(_shift_hook, state), with_kwargs=True)
+        state.hooks.append((position_module, handle.id))
+        model.add_module("ptv2_prefix", prefix)
+        object.__setattr__(model, _STATE_ATTR, state)
+        for name, impl in (("forward", _forward), ("generate", _generate)):
+            if hasattr(model, name):
+                state.originals[name] = model.__dict__.get(name)
+                install_method(model, name, impl)
+    except BaseException:
+        _undo(model, state)
+        raise
     return model
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Undo ``patch_model``: original config object, attention, forward, generate and ``requires_grad``.
 
-    The prefix module is detached from the model and returned as ``model.ptv2_prefix`` no more; keep a
-    reference to it before unpatching if it is still needed. No-op on an unpatched model.
+    The prefix module is detached from the model (``model.ptv2_prefix`` no longer exists); keep a reference
+    to it before unpatching if it is still needed. No-op on an unpatched model.
     """
     from .peft import is_peft_prefix_model, unpatch_peft_model
 
     if is_peft_prefix_model(model):
         return unpatch_peft_model(model)
     state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        return model
+    if state is not None:
+        _undo(model, state)
+    return model
+
+
+def install_method(obj, name: str, impl) -> None:
+    """Set ``obj.name`` to a method calling ``impl(obj, ...)``: a bound method (``copy.deepcopy`` rebinds it
+    to the copy) that shows the class method's signature (transformers inspects ``forward``'s)."""
+    def method(self, *args, **kwargs):
+        return impl(self, *args, **kwargs)
+
+    functools.update_wrapper(method, getattr(type(obj), name))
+    setattr(obj, name, types.MethodType(method, obj))
+
+
+def _undo(model, state: _Patch) -> None:
     for module in state.config_holders:
         module.config = state.old_config
     for module in state.tagged:
-        delattr(module, hf_attention.LAYER_ATTR)
+        module.__dict__.pop(hf_attention.LAYER_ATTR, None)
     for param in state.frozen:
         param.requires_grad_(True)
-    for hook in state.hooks:
-        hook.remove()
+    for module, hook_id in state.hooks:
+        module._forward_pre_hooks.pop(hook_id, None)
+        module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
     for name, orig in state.originals.items():
         if orig is None:
             model.__dict__.pop(name, None)
         else:
             setattr(model, name, orig)
-    del model._modules["ptv2_prefix"]
-    object.__delattr__(model, _STATE_ATTR)
-    return model
+    model._modules.pop("ptv2_prefix", None)
+    model.__dict__.pop(_STATE_ATTR, None)
 
 
 def is_patched(model: nn.Module) -> bool:
     """True when ``model`` (or the PEFT model's base) is patched by ptv2_fast."""
     base = getattr(model, "base_model", None)
     return getattr(model, _STATE_ATTR, None) is not None or getattr(base, _STATE_ATTR, None) is not None
-
-
-def hf_attention_error(model, found: int, layers: int) -> Exception:
-    from .models import UnsupportedModelError
-
-    return UnsupportedModelError(
-        f"patch_model found {found} attention modules with a layer index in {type(model).__name__}, expected "
-        f"{layers}; this model's attention layout is not supported")
 
 
 def _check_prefix_geometry(prefix, geo) -> None:
@@ -185,98 +210,127 @@ def _check_prefix_geometry(prefix, geo) -> None:
 
 
 def _batch_size(args, kwargs) -> int:
-    for name in ("input_ids", "inputs_embeds"):
+    for name in ("input_ids", "inputs_embeds", "inputs"):
         x = kwargs.get(name)
         if x is not None:
             return x.shape[0]
     if args and isinstance(args[0], torch.Tensor):
         return args[0].shape[0]
-    raise ValueError("patched forward: pass input_ids or inputs_embeds")
+    raise ValueError("patched model: pass input_ids or inputs_embeds")
 
 
-def _prefix_lens(source):
-    return getattr(source, "prefix_lens", None)
-
-
-def _make_context(state: _Patch, prefix_index, batch: int, device, dtype) -> hf_attention.PrefixContext:
+def _make_context(state: _Patch, prefix_index, batch: int, device, dtype):
+    """(PrefixContext, position shift) for one forward (or one generate call) over ``batch`` rows."""
     source = state.source
+    T = getattr(source, "num_tasks", None)
+    lens = getattr(source, "prefix_lens", None)
+    per_sample = getattr(source, "per_sample", lambda: False)()
     if prefix_index is not None:
         prefix_index = torch.as_tensor(prefix_index, device=device)
-        if prefix_index.dim() != 1 or prefix_index.shape[0] != batch:
+        if prefix_index.dim() != 1 or prefix_index.shape[0] != batch or prefix_index.is_floating_point():
             raise ValueError(f"prefix_index must be a [batch] int tensor with batch={batch}, "
-                             f"got shape {list(prefix_index.shape)}")
-    per_sample = getattr(source, "per_sample", lambda: False)()
+                             f"got {prefix_index.dtype} of shape {list(prefix_index.shape)}")
+        if (lens is not None or per_sample) and T is not None and prefix_index.numel():
+            # indexed here before the op's own checks: validate first (one host sync)
+            lo, hi = int(prefix_index.min()), int(prefix_index.max())
+            if lo < 0 or hi >= T:
+                raise ValueError(f"prefix_index values must be in [0, {T}), got values in [{lo}, {hi}]")
+    elif per_sample or (lens is not None and state.shift_positions):
+        if T is not None and T > 1:
+            raise ValueError(f"the prefix bank has {T} tasks: pass prefix_index=[batch] to select each row's task")
+        prefix_index = torch.zeros(batch, dtype=torch.long, device=device)
     bank = source(prefix_index) if per_sample else source()
-    lens = _prefix_lens(source)
-    P = bank.shape[-2]
-    shift = None
-    if state.shift_positions:
-        if lens is None:
-            shift = P
-        else:
-            rows = prefix_index if prefix_index is not None else torch.zeros(batch, dtype=torch.long, device=device)
-            shift = lens.to(device)[rows.long()]
-    if per_sample:
-        if lens is not None:
-            lens = lens.to(device)[prefix_index.long()]
-        prefix_index = torch.arange(batch, device=device)
-    elif bank.shape[2] > 1 and prefix_index is None:
+    if bank.shape[2] > 1 and prefix_index is None:
         raise ValueError(f"the prefix bank has {bank.shape[2]} tasks: pass prefix_index=[batch] to select "
                          "each row's task")
-    state.shift = shift
-    return hf_attention.PrefixContext(bank.to(dtype), prefix_index, lens, state.backend)
+    shift = None
+    if state.shift_positions:
+        shift = bank.shape[-2] if lens is None else lens.to(device)[prefix_index.long()]
+    if per_sample:
+        lens = None if lens is None else lens.to(device)[prefix_index.long()]
+        prefix_index = torch.arange(batch, device=device)
+    return hf_attention.PrefixContext(bank.to(dtype), prefix_index, lens, state.backend), shift
+
+
+def _fit_batch(ctx, shift, batch: int):
+    """Repeat a generate() call's context for expanded rows (beams, num_return_sequences)."""
+    n = None if ctx.prefix_index is None else ctx.prefix_index.shape[0]
+    if n is None or n == batch:
+        return ctx, shift
+    if batch % n:
+        raise ValueError(f"generate() expanded {n} rows to {batch}, not a multiple")
+    rep = batch // n
+    ctx = hf_attention.PrefixContext(ctx.bank, ctx.prefix_index.repeat_interleave(rep), ctx.prefix_lens, ctx.backend)
+    if isinstance(shift, torch.Tensor):
+        shift = shift.repeat_interleave(rep)
+    return ctx, shift
 
 
 def _model_dtype(model):
     for p in model.parameters():
-        if p.is_floating_point() and p is not None:
+        if p.is_floating_point():
             return p.dtype, p.device
     return torch.float32, torch.device("cpu")
 
 
 def _check_checkpointing(model) -> None:
     for module in model.modules():
+        if not getattr(module, "gradient_checkpointing", False):
+            continue
         fn = getattr(module, "_gradient_checkpointing_func", None)
-        if getattr(module, "gradient_checkpointing", False) and getattr(fn, "keywords", {}).get("use_reentrant"):
-            raise ValueError("ptv2_fast: gradient checkpointing with use_reentrant=True cannot pass the prefix "
-                             "bank's gradient; enable it with the default (use_reentrant=False)")
+        if fn is not None and getattr(fn, "keywords", {}).get("use_reentrant", True):
+            raise ValueError("ptv2_fast: gradient checkpointing with use_reentrant=True (torch's default when "
+                             "unset) cannot pass the prefix bank's gradient; enable it with transformers' "
+                             "default, gradient_checkpointing_enable(), or use_reentrant=False")
 
 
-def _patched_forward(self, orig):
-    @functools.wraps(orig)
-    def forward(*args, prefix_index=None, **kwargs):
-        state: _Patch = getattr(self, _STATE_ATTR)
-        if state.fixed is not None:
-            ctx = state.fixed
-        else:
-            if self.training:
-                _check_checkpointing(self)
-            dtype, device = _model_dtype(self)
-            ctx = _make_context(state, prefix_index, _batch_size(args, kwargs), device, dtype)
-        kwargs[hf_attention.CONTEXT_KWARG] = ctx
-        try:
-            return orig(*args, **kwargs)
-        finally:
-            if state.fixed is None:
-                state.shift = None
-    return forward
+def _hook_shift(state: _Patch, shift, args, kwargs):
+    """Apply ``shift`` to caller-given position ids (as PEFT does); else return what the pre-hook adds."""
+    if shift is None:
+        return None
+    pos = kwargs.get("position_ids")
+    if pos is not None:
+        kwargs["position_ids"] = pos + (shift.view(-1, 1) if isinstance(shift, torch.Tensor) else shift)
+        return None
+    has_ids = kwargs.get("input_ids") is not None or (args and isinstance(args[0], torch.Tensor)
+                                                       and not args[0].is_floating_point())
+    if state.spec.position_kind == "roberta" and not has_ids:
+        return None  # RoBERTa numbers inputs_embeds positions without the cache length: PEFT has no shift there
+    return shift
 
 
-def _patched_generate(self, orig):
-    @functools.wraps(orig)
-    def generate(*args, prefix_index=None, **kwargs):
-        state: _Patch = getattr(self, _STATE_ATTR)
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
+def _call_original(self, state: _Patch, name: str, args, kwargs):
+    orig = state.originals.get(name)
+    return orig(*args, **kwargs) if orig is not None else getattr(type(self), name)(self, *args, **kwargs)
+
+
+def _forward(self, *args, prefix_index=None, **kwargs):
+    state: _Patch = getattr(self, _STATE_ATTR)
+    batch = _batch_size(args, kwargs)
+    if state.fixed is not None:
+        ctx, shift = _fit_batch(*state.fixed, batch)
+    else:
+        if self.training:
+            _check_checkpointing(self)
         dtype, device = _model_dtype(self)
-        with torch.no_grad():
-            state.fixed = _make_context(state, prefix_index, ids.shape[0], device, dtype)
-        try:
-            return orig(*args, **kwargs)
-        finally:
-            state.fixed, state.shift = None, None
-    return generate
+        ctx, shift = _make_context(state, prefix_index, batch, device, dtype)
+    kwargs[hf_attention.CONTEXT_KWARG] = ctx
+    state.shift = _hook_shift(state, shift, args, kwargs)
+    try:
+        return _call_original(self, state, "forward", args, kwargs)
+    finally:
+        state.shift = None
+
+
+def _generate(self, *args, prefix_index=None, **kwargs):
+    state: _Patch = getattr(self, _STATE_ATTR)
+    dtype, device = _model_dtype(self)
+    with torch.no_grad():
+        state.fixed = _make_context(state, prefix_index, _batch_size(args, kwargs), device, dtype)
+    try:
+        return _call_original(self, state, "generate", args, kwargs)
+    finally:
+        state.fixed, state.shift = None, None
 
 
 def _shift_hook(state: _Patch, module, args, kwargs):
@@ -294,8 +348,7 @@ def _shift_hook(state: _Patch, module, args, kwargs):
     if isinstance(shift, torch.Tensor):
         shift = shift.to(pos.device).view(-1, *([1] * (pos.dim() - 1)))
     if state.spec.position_kind == "roberta":
-        pad = module.padding_idx
-        new = torch.where(pos == pad, pos, pos + shift)
+        new = torch.where(pos == module.padding_idx, pos, pos + shift)
     else:
         new = pos + shift
     if name is not None:

@@ -24,6 +24,10 @@ _PEFT_ATTR = "_ptv2_fast_peft"
 _KEEP_TOKEN_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")  # PEFT drops token_type_ids for the other types
 
 
+def is_peft_model(model) -> bool:
+    return getattr(model, "active_peft_config", None) is not None and hasattr(model, "get_base_model")
+
+
 def is_peft_prefix_model(model) -> bool:
     """True for a PEFT model whose active adapter is prefix tuning."""
     config = getattr(model, "active_peft_config", None)
@@ -34,71 +38,80 @@ class PeftPrefixSource(nn.Module):
     """The bank [layers, 2, 1, Hkv, P, D] of a PEFT model's active prefix-tuning adapter.
 
     Evaluates PEFT's prompt encoder once (not once per sample), as PEFT's ``get_prompt`` would for one row,
-    including its cast to the base model's dtype.
+    including its cast to the base model's dtype. The adapter, encoder and dtype are looked up at every
+    call, so ``set_adapter`` and ``.to(dtype)`` on the PEFT model are followed.
     """
 
     def __init__(self, peft_model):
         super().__init__()
-        config = peft_model.active_peft_config
-        self.adapter = peft_model.active_adapter
+        # Not a submodule: the PEFT model owns the prompt encoder (and its state dict keeps it).
+        object.__setattr__(self, "_peft", peft_model)
+        self.num_tasks = 1
+        self.prefix_lens = None
+        config = self._config()
         self.num_layers = config.num_layers
         self.num_kv_heads = config.num_attention_heads
         self.head_dim = config.token_dim // config.num_attention_heads
-        self.prefix_len = config.num_virtual_tokens
-        self.num_tasks = 1
-        self.prefix_lens = None
-        self.inference_mode = bool(config.inference_mode)
+
+    def _config(self):
+        config = self._peft.active_peft_config
+        if not str(config.peft_type).endswith("PREFIX_TUNING"):
+            raise ValueError(f"the active PEFT adapter is {config.peft_type}, not prefix tuning")
         if getattr(config, "num_transformer_submodules", 1) != 1:
             raise NotImplementedError("ptv2_fast serves decoder-only and encoder-only PEFT prefix models "
                                       "(num_transformer_submodules=1)")
-        # Not registered as submodules: they belong to the PEFT model, whose state dict keeps them.
-        object.__setattr__(self, "_encoder", peft_model.prompt_encoder[self.adapter])
-        object.__setattr__(self, "_tokens", peft_model.prompt_tokens[self.adapter])
-        object.__setattr__(self, "_dtype", getattr(peft_model, "base_model_torch_dtype", None))
+        return config
+
+    @property
+    def prefix_len(self) -> int:
+        return self._peft.active_peft_config.num_virtual_tokens
 
     def forward(self, prefix_index=None) -> torch.Tensor:
-        encoder = self._encoder
-        if self.inference_mode:
+        peft_model, config = self._peft, self._config()
+        encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+        if config.inference_mode:
             emb = encoder.embedding.weight
         else:
-            tokens = self._tokens[: self.prefix_len].to(encoder.embedding.weight.device)
-            emb = encoder(tokens)
-        if self._dtype is not None:
-            emb = emb.to(self._dtype)
-        return bank_from_embeddings(emb.unsqueeze(0), self.num_layers, self.num_kv_heads, self.head_dim)
+            tokens = peft_model.prompt_tokens[peft_model.active_adapter][: config.num_virtual_tokens]
+            emb = encoder(tokens.to(encoder.embedding.weight.device))
+        dtype = getattr(peft_model, "base_model_torch_dtype", None)
+        if dtype is not None:
+            emb = emb.to(dtype)
+        return bank_from_embeddings(emb.unsqueeze(0), config.num_layers, config.num_attention_heads,
+                                    config.token_dim // config.num_attention_heads)
 
 
 def patch_peft_model(peft_model, *, backend="auto", shift_positions=True):
     """Patch the transformers model inside a PEFT prefix-tuning model; route PEFT's forward/generate to it."""
-    from .patch import patch_model
+    from .patch import install_method, patch_model
 
     if getattr(peft_model, _PEFT_ATTR, None) is not None:
         return peft_model
     base = peft_model.get_base_model()
-    source = PeftPrefixSource(peft_model)
     # PEFT froze the base already and decides what trains (modules_to_save heads); keep that.
-    patch_model(base, prefix=source, shift_positions=shift_positions, freeze_base=False, backend=backend)
+    patch_model(base, prefix=PeftPrefixSource(peft_model), shift_positions=shift_positions, freeze_base=False,
+                backend=backend)
     originals = {name: peft_model.__dict__.get(name) for name in ("forward", "generate")}
     object.__setattr__(peft_model, _PEFT_ATTR, originals)
-
-    keeps_token_types = str(peft_model.active_peft_config.task_type).split(".")[-1] in _KEEP_TOKEN_TYPES
-
-    def forward(*args, **kwargs):
-        for name in ("task_ids", "num_items_in_batch"):
-            kwargs.pop(name, None)
-        if not keeps_token_types and kwargs.get("token_type_ids") is not None:
-            # as PEFT's own forward does for these task types, so outputs stay equal to the unpatched model's
-            warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids",
-                          stacklevel=2)
-            kwargs["token_type_ids"] = None
-        return base(*args, **kwargs)
-
-    def generate(*args, **kwargs):
-        return base.generate(*args, **kwargs)
-
-    peft_model.forward = forward
-    peft_model.generate = generate
+    install_method(peft_model, "forward", _peft_forward)
+    install_method(peft_model, "generate", _peft_generate)
     return peft_model
+
+
+def _peft_forward(peft_model, *args, **kwargs):
+    kwargs.pop("task_ids", None)
+    task_type = str(peft_model.active_peft_config.task_type).split(".")[-1]
+    if task_type not in _KEEP_TOKEN_TYPES and kwargs.get("token_type_ids") is not None:
+        # as PEFT's own forward does for these task types, so outputs stay equal to the unpatched model's
+        warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids",
+                      stacklevel=3)
+        kwargs["token_type_ids"] = None
+    return peft_model.get_base_model()(*args, **kwargs)
+
+
+def _peft_generate(peft_model, *args, **kwargs):
+    kwargs.pop("task_ids", None)
+    return peft_model.get_base_model().generate(*args, **kwargs)
 
 
 def unpatch_peft_model(peft_model):
@@ -112,7 +125,7 @@ def unpatch_peft_model(peft_model):
             peft_model.__dict__.pop(name, None)
         else:
             setattr(peft_model, name, orig)
-    object.__delattr__(peft_model, _PEFT_ATTR)
+    peft_model.__dict__.pop(_PEFT_ATTR, None)
     unpatch_model(peft_model.get_base_model())
     return peft_model
 
@@ -128,6 +141,15 @@ def save_peft_adapter(prefix: PrefixEncoder, task: int, save_directory: str, mod
     """
     from safetensors.torch import save_file
 
+    from .models import geometry
+
+    geo = geometry(model_config)
+    have = (prefix.num_layers, prefix.num_kv_heads, prefix.head_dim)
+    if have != (geo.num_layers, geo.num_kv_heads, geo.head_dim):
+        raise ValueError(f"the prefix (layers, kv heads, head dim) {have} does not fit this model "
+                         f"{(geo.num_layers, geo.num_kv_heads, geo.head_dim)}")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model_config, "_name_or_path", None) or None
     if not 0 <= task < prefix.num_tasks:
         raise ValueError(f"task must be in [0, {prefix.num_tasks}), got {task}")
     with torch.no_grad():
