@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot GPU check: install without dependencies, run the GPU tests (fp32/fp16/bf16) and the op benchmark,
+# One-shot GPU check: install without dependencies, run the GPU tests (fp32/fp16/bf16), the op benchmark and
+# the Hugging Face training step (PEFT vs patched),
 # writing every log and result into one folder. Stops itself inside the time budget.
 #
 #   benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS=420]
@@ -35,5 +36,11 @@ for dtype in bf16 fp16; do
   [ "$(left)" -gt 30 ] || { echo "budget spent before bench $dtype" | tee -a "$out/bench.log"; break; }
   timeout $(( $(left) - 15 )) $py -m ptv2_fast.cli bench --preset nlu --dtype "$dtype" --reps 30 --warmup 5 \
     --json "$out/bench_nlu_$dtype.json" 2>&1 | tee -a "$out/bench.log"
+done
+# Hugging Face training step, PEFT vs patched, at GPU sizes (random weights): BERT-large and Llama-1B shapes.
+for preset in bert-large llama-1b; do
+  [ "$(left)" -gt 60 ] || { echo "budget spent before hf_step $preset" | tee -a "$out/hf_step.log"; break; }
+  timeout $(( $(left) - 10 )) $py -m ptv2_fast.benchmarks.hf_step --presets "$preset" --dtype bf16 \
+    --json "$out/hf_step_${preset}_bf16.json" 2>&1 | tee -a "$out/hf_step.log"
 done
 echo "gpu_check done in $(( $(date +%s) - start )) s" | tee -a "$out/bench.log"

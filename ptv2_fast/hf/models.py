@@ -42,9 +42,6 @@ def _refuse_gpt2(config) -> str | None:
 def _refuse_llama_family(config) -> str | None:
     if getattr(config, "attn_logit_softcapping", None):
         return "attention logit soft-capping"
-    rope = getattr(config, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("longrope",):
-        return "longrope rotary scaling (its factors depend on the sequence length, which the prefix changes)"
     return None
 
 
