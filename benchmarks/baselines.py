@@ -57,3 +57,63 @@ def sdpa_precat(q, keys, values, mask=None, scale=None):
     """SDPA on pre-concatenated keys/values [B, Hkv, P + S, D] with an optional prebuilt mask."""
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[1] != keys.shape[1])
+
+
+def _attention_with_lse(q, k, v, mask, scale):
+    """SDPA that also returns the log-sum-exp (natural log), through the fused kernels torch ships:
+    flash attention on CPU, memory-efficient attention on CUDA. Forward only: torch exposes no gradient
+    for their lse, so ``cascade`` is timed without backward. k/v must have q's head count."""
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+                                                                         scale=scale)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False,
+                                                                      scale=scale)[:2]
+    return out, lse
+
+
+def cascade(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
+            key_padding_mask=None, causal=False, scale=None):
+    """Two attention calls, the prefix (each row's bank row, gathered) and the sequence, combined exactly
+    with ``merge_attention_states``: the cascade path of DESIGN.md section 6 (forward only)."""
+    from ptv2_fast import merge_attention_states
+
+    pk, pv = as_bank(prefix_k), as_bank(prefix_v)
+    B, Hq, L, D = q.shape
+    group = Hq // k.shape[1]
+    P = pk.shape[2]
+    rows = torch.zeros(B, dtype=torch.long, device=q.device) if prefix_index is None else prefix_index.long()
+    scale = D ** -0.5 if scale is None else scale
+    vis = visible_keys(B, L, k.shape[2], P, prefix_index=prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
+                       key_padding_mask=key_padding_mask, causal=causal, device=q.device)[:, None]
+    o_p, l_p = _attention_with_lse(q, pk[rows].repeat_interleave(group, 1), pv[rows].repeat_interleave(group, 1),
+                                   None if prefix_lens is None else vis[..., :P], scale)
+    o_s, l_s = _attention_with_lse(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                   vis[..., P:], scale)
+    return merge_attention_states(o_p, l_p, o_s, l_s)[0]
+
+
+def flash_attn_provider(shape, tensors, prefix_index, kw):
+    """``flash_attn_with_kvcache`` on a per-row cache holding [prefix ; sequence] (built ahead of time), with
+    ``cache_batch_idx`` and per-row ``cache_seqlens``; None unless flash-attn is installed and the tensors
+    are fp16/bf16 on CUDA. Forward only. Not run on any machine of this project so far (none had flash-attn)."""
+    q, k, v, pk, pv = tensors
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or kw.get("prefix_lens") is not None:
+        return None
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        return None
+    keys, values = concat_prefix(k.detach(), v.detach(), pk.detach(), pv.detach(), prefix_index)
+    k_cache, v_cache = keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()  # [B, P+S, Hkv, D]
+    P, S = pk.shape[-2], k.shape[2]
+    kv_lens = kw.get("kv_lens")
+    seqlens = (torch.full((q.shape[0],), S, device=q.device) if kv_lens is None else kv_lens).to(torch.int32) + P
+    rows = torch.arange(q.shape[0], device=q.device, dtype=torch.int32)
+    qt = q.detach().transpose(1, 2)
+    causal = bool(kw.get("causal"))
+    return lambda: flash_attn_with_kvcache(qt, k_cache, v_cache, cache_seqlens=seqlens, cache_batch_idx=rows,
+                                           causal=causal).transpose(1, 2)

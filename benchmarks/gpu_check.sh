@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-shot GPU check: install without dependencies, run the GPU tests (fp32/fp16/bf16), the op benchmark and
-# the Hugging Face training step (PEFT vs patched),
+# One-shot GPU check: install without dependencies, run the GPU tests (fp32/fp16/bf16), `ptv2-fast bench` on
+# every preset and `ptv2-fast e2e` on bert-large and llama-1b,
 # writing every log and result into one folder. Stops itself inside the time budget.
 #
 #   benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS=420]
@@ -32,15 +32,21 @@ timeout $(( $(left) * 55 / 100 )) $py -m pytest -q -p no:cacheprovider $workers 
 echo "tests rc=${PIPESTATUS[0]}" >> "$out/tests.log"
 tail -n 5 "$out/tests.log"
 
-for dtype in bf16 fp16; do
-  [ "$(left)" -gt 30 ] || { echo "budget spent before bench $dtype" | tee -a "$out/bench.log"; break; }
-  timeout $(( $(left) - 15 )) $py -m ptv2_fast.cli bench --preset nlu --dtype "$dtype" --reps 30 --warmup 5 \
-    --json "$out/bench_nlu_$dtype.json" 2>&1 | tee -a "$out/bench.log"
+# Op benchmarks: every preset (JSON + PNG plots per preset), bf16, then the NLU shape in fp16.
+for preset in ptv2-nlu serve-decode decoder-train; do
+  [ "$(left)" -gt 60 ] || { echo "budget spent before bench $preset" | tee -a "$out/bench.log"; break; }
+  timeout $(( $(left) - 30 )) $py -m ptv2_fast.cli bench --preset "$preset" --dtype bf16 --reps 20 --warmup 5 \
+    --out "$out" 2>&1 | tee -a "$out/bench.log"
 done
-# Hugging Face training step, PEFT vs patched, at GPU sizes (random weights): BERT-large and Llama-1B shapes.
-for preset in bert-large llama-1b; do
-  [ "$(left)" -gt 60 ] || { echo "budget spent before hf_step $preset" | tee -a "$out/hf_step.log"; break; }
-  timeout $(( $(left) - 10 )) $py -m ptv2_fast.benchmarks.hf_step --presets "$preset" --dtype bf16 \
-    --json "$out/hf_step_${preset}_bf16.json" 2>&1 | tee -a "$out/hf_step.log"
+if [ "$(left)" -gt 60 ]; then
+  timeout $(( $(left) - 30 )) $py -m ptv2_fast.cli bench --preset nlu --dtype fp16 --reps 20 --warmup 5 \
+    --json "$out/bench_nlu_fp16.json" 2>&1 | tee -a "$out/bench.log"
+fi
+
+# End to end, PEFT vs patched (and the prefix-free model), at GPU sizes with random weights.
+for model in bert-large llama-1b; do
+  [ "$(left)" -gt 45 ] || { echo "budget spent before e2e $model" | tee -a "$out/e2e.log"; break; }
+  timeout $(( $(left) - 10 )) $py -m ptv2_fast.cli e2e "$model" --dtype bf16 \
+    --json "$out/e2e_${model}_bf16.json" 2>&1 | tee -a "$out/e2e.log"
 done
 echo "gpu_check done in $(( $(date +%s) - start )) s" | tee -a "$out/bench.log"

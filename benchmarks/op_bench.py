@@ -22,6 +22,7 @@ from . import baselines
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")
+ALL_MODES = ("fwd", "bwd", "fwd+bwd", "decode")
 
 
 @dataclasses.dataclass
@@ -48,7 +49,15 @@ class Shape:
     def flops(self, mode: str) -> float:
         """Nominal attention FLOPs: padding counted as work (as FlashAttention's benchmarks do), causal not."""
         fwd = 4.0 * self.B * self.Hq * self.L * self.visible_keys_per_query() * self.D
-        return fwd if mode == "fwd" else 3.5 * fwd  # backward = 2.5 x forward (5 matmuls vs 2)
+        return {"fwd": fwd, "decode": fwd, "bwd": 2.5 * fwd}.get(mode, 3.5 * fwd)  # bwd: 5 matmuls vs 2
+
+    def cache_bytes(self, provider: str, itemsize: int) -> int:
+        """K/V bytes a serving cache holds for this shape: each row's copy of the prefix for the concatenating
+        paths, the bank once (T rows) for ptv2_fast and cascade."""
+        per_key = 2 * self.Hkv * self.D * itemsize
+        if provider.startswith("ptv2_fast") or provider in ("cascade", "flash_attn"):
+            return per_key * (self.B * self.S + self.T * self.P)
+        return per_key * self.B * (self.S + self.P)
 
 
 PRESETS = {
@@ -56,6 +65,42 @@ PRESETS = {
     "nlu": Shape(),
     # Small enough for a 2-core CPU in well under a minute, same structure.
     "quick": Shape(B=8, Hq=12, Hkv=12, L=128, S=128, P=32, T=2, D=64),
+}
+
+
+@dataclasses.dataclass
+class Preset:
+    """A named sweep: shapes varied along the sequence axis and along the prefix axis (one plot each)."""
+
+    base: Shape
+    seq: tuple = ()       # values of L (= S), or of S alone for decode presets
+    prefix: tuple = ()    # values of P
+    modes: tuple = MODES
+    description: str = ""
+
+    def shapes(self) -> list[tuple[str, Shape]]:
+        """(series, shape) pairs: series "seq" varies L/S, "prefix" varies P; a shape on both appears twice."""
+        out = []
+        decode = self.base.L == 1
+        for n in self.seq:
+            out.append(("seq", dataclasses.replace(self.base, S=n) if decode else
+                        dataclasses.replace(self.base, L=n, S=n)))
+        for p in self.prefix:
+            out.append(("prefix", dataclasses.replace(self.base, P=p)))
+        return out or [("single", self.base)]
+
+
+SWEEPS = {
+    "quick": Preset(Shape(B=4, Hq=8, Hkv=8, L=128, S=128, P=32, T=2, D=64), seq=(64, 128), prefix=(16, 64),
+                    description="a small P-Tuning v2 shape; finishes in well under a minute on a 2-core CPU"),
+    "ptv2-nlu": Preset(Shape(B=32, Hq=16, Hkv=16, L=256, S=256, P=64, T=1, D=64), seq=(128, 256, 512),
+                       prefix=(8, 64, 224), description="P-Tuning v2 NLU: B=32, H=16, D=64, non-causal, padded"),
+    "decoder-train": Preset(Shape(B=1, Hq=32, Hkv=8, L=4096, S=4096, P=128, T=1, D=128, causal=True, padded=False),
+                            seq=(2048, 4096, 8192), prefix=(32, 512),
+                            description="decoder training: Hq=32, Hkv=8, D=128, causal, P=128 (a GPU preset)"),
+    "serve-decode": Preset(Shape(B=64, Hq=32, Hkv=8, L=1, S=1024, P=128, T=8, D=128, padded=True),
+                           seq=(512, 1024, 2048, 4096), prefix=(32, 512), modes=("decode",),
+                           description="mixed-task serving decode: B=64, T=8 tasks, q_len 1, cache 512-4k"),
 }
 
 
@@ -79,17 +124,22 @@ def make_inputs(shape: Shape, dtype, device, seed: int = 0):
 
 
 def providers(shape: Shape, tensors, idx, kw, device):
-    """name -> (fn() -> out, leaves that take gradients)."""
+    """name -> (fn() -> out, leaves that take gradients, whether it has a backward)."""
     q, k, v, pk, pv = tensors
     backend = ptv2_fast.resolve_backend("auto", device)
     mask = baselines.widened_mask(q, k, pk, idx, None, kw.get("kv_lens"), None, shape.causal)
     keys, values = baselines.precat(k, v, pk, pv, idx)
-    return {
-        f"ptv2_fast[{backend}]": (lambda: ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, **kw), tensors),
-        "naive_eager": (lambda: baselines.naive_eager(q, k, v, pk, pv, idx, **kw), tensors),
-        "sdpa_concat": (lambda: baselines.sdpa_concat(q, k, v, pk, pv, idx, **kw), tensors),
-        "sdpa_precat": (lambda: baselines.sdpa_precat(q, keys, values, mask), (q, keys, values)),
+    provs = {
+        f"ptv2_fast[{backend}]": (lambda: ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, **kw), tensors, True),
+        "naive_eager": (lambda: baselines.naive_eager(q, k, v, pk, pv, idx, **kw), tensors, True),
+        "sdpa_concat": (lambda: baselines.sdpa_concat(q, k, v, pk, pv, idx, **kw), tensors, True),
+        "sdpa_precat": (lambda: baselines.sdpa_precat(q, keys, values, mask), (q, keys, values), True),
+        "cascade": (lambda: baselines.cascade(q, k, v, pk, pv, idx, **kw), tensors, False),
     }
+    flash = baselines.flash_attn_provider(shape, tensors, idx, kw)
+    if flash is not None:
+        provs["flash_attn"] = (flash, tensors, False)
+    return provs
 
 
 def _sync(device):
@@ -98,7 +148,7 @@ def _sync(device):
 
 
 def _step(fn, leaves, dout, mode):
-    if mode == "fwd":
+    if mode in ("fwd", "decode"):
         with torch.no_grad():
             return fn()
     out = fn()
@@ -109,28 +159,58 @@ def _step(fn, leaves, dout, mode):
 
 
 def time_ms(fn, leaves, dout, mode, device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        _step(fn, leaves, dout, mode)
-    _sync(device)
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        _step(fn, leaves, dout, mode)
+    """Median wall time of ``mode`` in ms; "bwd" times the backward alone (its forward runs untimed)."""
+    def once():
+        if mode != "bwd":
+            t0 = time.perf_counter()
+            _step(fn, leaves, dout, mode)
+            _sync(device)
+            return time.perf_counter() - t0
+        out = fn()
         _sync(device)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+        t0 = time.perf_counter()
+        torch.autograd.backward(out, dout, inputs=list(leaves))
+        _sync(device)
+        dt = time.perf_counter() - t0
+        for x in leaves:
+            x.grad = None
+        return dt
+
+    for _ in range(warmup):
+        once()
+    return statistics.median(once() * 1e3 for _ in range(reps))
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak bytes of torch tensors that ``fn()`` allocates above what was allocated before it, on the CPU.
+
+    From torch's profiler with memory profiling: every allocation and free in time order (self memory of
+    each op, so nested ops count once); the running sum's maximum. Exact for tensor memory, blind to the
+    allocator's caching, and deterministic.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
 
 
 def peak_mem_mb(fn, leaves, dout, mode, device):
-    """Peak memory a step adds on top of its inputs, in MiB (CUDA only; None elsewhere)."""
-    if torch.device(device).type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    _step(fn, leaves, dout, mode)
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    """Peak memory one step adds on top of what is allocated before it, in MiB (``bwd`` counts its forward):
+    ``torch.cuda.max_memory_allocated`` on CUDA, ``cpu_peak_bytes`` on the CPU."""
+    mode = "fwd+bwd" if mode == "bwd" else mode
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _step(fn, leaves, dout, mode)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return cpu_peak_bytes(lambda: _step(fn, leaves, dout, mode)) / 2**20
 
 
 def environment(device) -> dict:
@@ -150,25 +230,38 @@ def environment(device) -> dict:
 
 
 def run(shape: Shape, dtype: str = "fp32", device: str = "cpu", modes=MODES, warmup: int = 3, reps: int = 10,
-        progress=True) -> dict:
-    """Benchmark every provider on ``shape``; returns the JSON-ready result."""
+        progress=True, bar=None) -> dict:
+    """Benchmark every provider on ``shape``; returns the JSON-ready result.
+
+    Providers without a backward (cascade, flash_attn) are timed in fwd/decode modes only. ``bar``: a tqdm
+    bar advanced once per (provider, mode).
+    """
     torch.manual_seed(0)
     tensors, idx, kw, dout = make_inputs(shape, DTYPES[dtype], device)
     truth = prefix_attention_ref(*tensors, idx, compute_dtype=torch.float64, **kw).double()
     provs = providers(shape, tensors, idx, kw, device)
     rows = []
-    for name, (fn, leaves) in provs.items():
+    itemsize = tensors[0].element_size()
+    for name, (fn, leaves, has_bwd) in provs.items():
         for x in leaves:
             x.requires_grad_(True)
         with torch.no_grad():
             err = (fn().double() - truth).abs().max().item()
         for mode in modes:
-            if progress:
+            if bar is not None:
+                bar.set_postfix_str(f"{name} {mode}")
+                bar.update(1)
+            elif progress:
                 print(f"  {name:<22} {mode:<8}", end="\r", file=sys.stderr, flush=True)
+            if mode in ("bwd", "fwd+bwd") and not has_bwd:
+                continue
             ms = time_ms(fn, leaves, dout, mode, device, warmup, reps)
-            rows.append({"provider": name, "mode": mode, "ms": ms, "tflops": shape.flops(mode) / ms / 1e9,
-                         "peak_mem_mb": peak_mem_mb(fn, leaves, dout, mode, device), "max_err": err})
-    if progress:
+            row = {"provider": name, "mode": mode, "ms": ms, "tflops": shape.flops(mode) / ms / 1e9,
+                   "peak_mem_mb": peak_mem_mb(fn, leaves, dout, mode, device), "max_err": err}
+            if mode == "decode":
+                row["cache_mb"] = shape.cache_bytes(name, itemsize) / 2**20
+            rows.append(row)
+    if progress and bar is None:
         print(" " * 40, end="\r", file=sys.stderr)
     for r in rows:
         same = {o["provider"]: o["ms"] for o in rows if o["mode"] == r["mode"]}
@@ -178,6 +271,29 @@ def run(shape: Shape, dtype: str = "fp32", device: str = "cpu", modes=MODES, war
             "warmup": warmup, "reps": reps, "results": rows}
 
 
+def run_preset(name: str, dtype: str = "fp32", device: str = "cpu", modes=None, warmup: int = 3, reps: int = 10,
+               progress: bool = True) -> dict:
+    """Every shape of the sweep ``SWEEPS[name]``; returns {"preset", "environment", "runs": [run(...) + series]}."""
+    preset = SWEEPS[name]
+    modes = tuple(modes or preset.modes)
+    shapes = preset.shapes()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(shapes) * 6 * len(modes), desc=f"bench {name}", unit="run", leave=False)
+    runs, done = [], {}
+    for series, shape in shapes:
+        key = tuple(dataclasses.asdict(shape).values())
+        if key not in done:  # a shape on both sweeps is measured once
+            done[key] = run(shape, dtype, device, modes, warmup, reps, progress=False, bar=bar)
+        runs.append(dict(done[key], series=series))
+    if bar is not None:
+        bar.close()
+    return {"preset": name, "description": preset.description, "environment": environment(device),
+            "dtype": dtype, "modes": list(modes), "runs": runs}
+
+
 def format_table(result: dict) -> str:
     env, s = result["environment"], result["shape"]
     head = (f"prefix attention, {result['dtype']}, B={s['B']} Hq={s['Hq']} Hkv={s['Hkv']} L={s['L']} S={s['S']} "
@@ -185,10 +301,49 @@ def format_table(result: dict) -> str:
             f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}\n"
             f"median of {result['reps']} runs after {result['warmup']} warm-up\n")
     cols = (f"{'provider':<22} {'mode':<8} {'ms':>9} {'x naive':>8} {'x sdpa_cat':>10} {'TFLOP/s':>8} "
-            f"{'peak MiB':>9} {'max err':>9}")
+            f"{'peak MiB':>9} {'cache MiB':>9} {'max err':>9}")
     lines = [head, cols, "-" * len(cols)]
     for r in result["results"]:
         mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
+        cache = f"{r['cache_mb']:.1f}" if r.get("cache_mb") is not None else "-"
         lines.append(f"{r['provider']:<22} {r['mode']:<8} {r['ms']:>9.3f} {r['vs_naive_eager']:>8.2f} "
-                     f"{r['vs_sdpa_concat']:>10.2f} {r['tflops']:>8.3f} {mem:>9} {r['max_err']:>9.2e}")
+                     f"{r['vs_sdpa_concat']:>10.2f} {r['tflops']:>8.3f} {mem:>9} {cache:>9} {r['max_err']:>9.2e}")
+    return "\n".join(lines)
+
+
+def format_summary(result: dict) -> str:
+    """One line per (shape, mode) of a ``run_preset`` result: ptv2_fast's time, its ratio to each baseline
+    measured in the same run (< 1 means ptv2_fast is faster), and peak memory."""
+    env = result["environment"]
+    lines = [f"ptv2-fast bench {result['preset']} ({result['dtype']}): {result['description']}",
+             f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}",
+             "time ratio = ptv2_fast / baseline (below 1: ptv2_fast faster); memory = peak MiB of one step", ""]
+    head = (f"{'B':>3} {'Hq/Hkv':>6} {'L':>5} {'S':>5} {'P':>4} {'T':>2} {'mode':<8} {'ptv2 ms':>9} {'/naive':>7} "
+            f"{'/sdpa_cat':>9} {'/precat':>8} {'/cascade':>8} {'mem ptv2':>9} {'naive':>8} {'sdpa_cat':>8}")
+    lines += [head, "-" * len(head)]
+    seen = set()
+    for run in result["runs"]:
+        s = run["shape"]
+        key = tuple(s.values())
+        if key in seen:
+            continue
+        seen.add(key)
+        for mode in result["modes"]:
+            rows = {r["provider"]: r for r in run["results"] if r["mode"] == mode}
+            ours = next((r for p, r in rows.items() if p.startswith("ptv2_fast")), None)
+            if ours is None:
+                continue
+
+            def ratio(name, rows=rows, ours=ours):
+                r = rows.get(name)
+                return f"{ours['ms'] / r['ms']:.2f}" if r else "-"
+
+            def mem(name, rows=rows):
+                r = rows.get(name)
+                return "-" if r is None or r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
+
+            lines.append(f"{s['B']:>3} {str(s['Hq']) + '/' + str(s['Hkv']):>6} {s['L']:>5} {s['S']:>5} {s['P']:>4} "
+                         f"{s['T']:>2} {mode:<8} {ours['ms']:>9.3f} {ratio('naive_eager'):>7} "
+                         f"{ratio('sdpa_concat'):>9} {ratio('sdpa_precat'):>8} {ratio('cascade'):>8} "
+                         f"{mem(ours['provider']):>9} {mem('naive_eager'):>8} {mem('sdpa_concat'):>8}")
     return "\n".join(lines)

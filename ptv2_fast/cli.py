@@ -5,33 +5,74 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 import torch
+
+SHAPE_FLAGS = ("B", "Hq", "Hkv", "L", "S", "P", "T", "D")
 
 
 def _bench(args) -> int:
     from ptv2_fast.benchmarks import op_bench
 
-    shape = dataclasses.replace(op_bench.PRESETS["quick" if args.quick else args.preset])
-    for field in ("B", "Hq", "Hkv", "L", "S", "P", "T", "D"):
-        value = getattr(args, field)
-        if value is not None:
-            setattr(shape, field, value)
-    if args.Hq is not None and args.Hkv is None:
-        shape.Hkv = shape.Hq  # --heads alone means multi-head attention, not GQA
-    if args.causal:
-        shape.causal = True
-    if args.no_padding:
-        shape.padded = False
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
-    result = op_bench.run(shape, dtype=dtype, device=device, modes=args.modes.split(","),
-                          warmup=args.warmup, reps=args.reps, progress=sys.stderr.isatty())
-    print(op_bench.format_table(result))
+    modes = args.modes.split(",") if args.modes else None
+    for mode in modes or ():
+        if mode not in op_bench.ALL_MODES:
+            raise SystemExit(f"ptv2-fast bench: unknown mode {mode!r}; choose from {', '.join(op_bench.ALL_MODES)}")
+    preset = "quick" if args.quick else args.preset
+    custom = any(getattr(args, f) is not None for f in SHAPE_FLAGS) or args.causal or args.no_padding
+    if custom or preset == "nlu":
+        base = op_bench.PRESETS.get(preset) or op_bench.SWEEPS[preset].base
+        shape = dataclasses.replace(base)
+        for field in SHAPE_FLAGS:
+            value = getattr(args, field)
+            if value is not None:
+                setattr(shape, field, value)
+        if args.Hq is not None and args.Hkv is None:
+            shape.Hkv = shape.Hq  # --heads alone means multi-head attention, not GQA
+        shape.causal = shape.causal or args.causal
+        shape.padded = shape.padded and not args.no_padding
+        modes = modes or (["decode"] if shape.L == 1 else list(op_bench.MODES))
+        result = op_bench.run(shape, dtype=dtype, device=device, modes=modes, warmup=args.warmup, reps=args.reps,
+                              progress=sys.stderr.isatty())
+        print(op_bench.format_table(result))
+        paths = []
+    else:
+        result = op_bench.run_preset(preset, dtype=dtype, device=device, modes=modes, warmup=args.warmup,
+                                     reps=args.reps, progress=sys.stderr.isatty())
+        print(op_bench.format_summary(result))
+        paths = []
+        if not args.no_plots:
+            try:
+                from ptv2_fast.benchmarks.plots import plot_preset
+
+                paths = plot_preset(result, args.out)
+            except ImportError:
+                print("\n(no plots: matplotlib is not installed; pip install ptv2-fast[bench])")
     if device == "cpu":
         print("\nOn the CPU the op runs its concatenating reference backend; the fused Triton kernels run on a "
               "CUDA GPU (and are tested on the CPU through Triton's interpreter).")
+    json_path = args.json
+    if json_path is None and not (custom or preset == "nlu"):
+        os.makedirs(args.out, exist_ok=True)
+        json_path = os.path.join(args.out, f"bench_{preset}.json")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"\nwrote {json_path}" + "".join(f"\nwrote {p}" for p in paths))
+    return 0
+
+
+def _e2e(args) -> int:
+    from ptv2_fast.benchmarks import e2e
+
+    result = e2e.run(args.model, device=args.device, dtype=args.dtype, steps=args.steps,
+                     variants=args.variants.split(","), progress=sys.stderr.isatty(), batch=args.batch, seq=args.seq,
+                     prefix=args.prefix)
+    print(e2e.format_table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -43,8 +84,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ptv2-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time prefix attention vs naive_eager / sdpa_concat / sdpa_precat")
-    b.add_argument("--quick", action="store_true", help="a small shape that runs in well under a minute on a CPU")
-    b.add_argument("--preset", default="nlu", choices=["nlu", "quick"], help="named shape (default: nlu)")
+    b.add_argument("--quick", action="store_true", help="the quick preset: well under a minute on a 2-core CPU")
+    b.add_argument("--preset", default="ptv2-nlu",
+                   choices=["quick", "ptv2-nlu", "decoder-train", "serve-decode", "nlu"],
+                   help="a named sweep (default: ptv2-nlu; nlu is its single B=32 H=16 L=256 P=64 shape); shape "
+                        "flags turn any preset into one shape")
     b.add_argument("--batch", dest="B", type=int)
     b.add_argument("--heads", dest="Hq", type=int)
     b.add_argument("--kv-heads", dest="Hkv", type=int)
@@ -57,11 +101,26 @@ def main(argv=None) -> int:
     b.add_argument("--no-padding", action="store_true", help="every row uses all S keys")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
-    b.add_argument("--modes", default="fwd,fwd+bwd")
+    b.add_argument("--modes", help="comma-separated of fwd, bwd, fwd+bwd, decode (default: the preset's)")
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--reps", type=int, default=10)
-    b.add_argument("--json", help="also write the result (environment, shape, every figure) to this file")
+    b.add_argument("--json", help="write the result (environment, shapes, every figure) to this file")
+    b.add_argument("--out", default="ptv2_fast_bench", help="folder for a preset's JSON and PNG plots")
+    b.add_argument("--no-plots", action="store_true")
     b.set_defaults(func=_bench)
+
+    e = sub.add_parser("e2e", help="a Hugging Face model's training step and inference pass: PEFT vs patched")
+    e.add_argument("model", choices=["minilm", "smollm2", "bert-large", "roberta-large", "llama-1b", "llama-7b"],
+                   help="minilm/smollm2: real weights (CPU-friendly); the others: random weights at GPU sizes")
+    e.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+    e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
+    e.add_argument("--batch", type=int)
+    e.add_argument("--seq", type=int)
+    e.add_argument("--prefix", type=int)
+    e.add_argument("--steps", type=int, default=4, help="timed steps per phase (after one untimed)")
+    e.add_argument("--variants", default="peft,patched,full")
+    e.add_argument("--json", help="write the result to this file")
+    e.set_defaults(func=_e2e)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -25,7 +25,7 @@ def test_baselines_equal_the_reference(case):
     if "key_padding_mask" in kw:
         kw["key_padding_mask"][:, 0] = True
     truth = prefix_attention_ref(*tensors, idx, compute_dtype=torch.float64, **kw)
-    for fn in (baselines.naive_eager, baselines.sdpa_concat):
+    for fn in (baselines.naive_eager, baselines.sdpa_concat, baselines.cascade):
         torch.testing.assert_close(fn(*tensors, idx, **kw).double(), truth.double(), rtol=1e-5, atol=1e-5)
     q, k, v, pk, pv = tensors
     keys, values = baselines.precat(k, v, pk, pv, idx)
@@ -39,10 +39,12 @@ def test_bench_run_reports_every_provider_and_mode():
     shape = op_bench.Shape(B=2, Hq=2, Hkv=1, L=16, S=24, P=8, T=2, D=16, causal=True)
     res = op_bench.run(shape, dtype="fp32", device="cpu", warmup=0, reps=2, progress=False)
     names = {r["provider"] for r in res["results"]}
-    assert names == {"ptv2_fast[reference]", "naive_eager", "sdpa_concat", "sdpa_precat"}
+    assert names == {"ptv2_fast[reference]", "naive_eager", "sdpa_concat", "sdpa_precat", "cascade"}
     assert {r["mode"] for r in res["results"]} == {"fwd", "fwd+bwd"}
+    assert {r["mode"] for r in res["results"] if r["provider"] == "cascade"} == {"fwd"}  # no lse gradient
     for r in res["results"]:
         assert r["ms"] > 0 and r["tflops"] > 0 and r["max_err"] < 1e-4, r
+        assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0
         if r["provider"] == "naive_eager":
             assert r["vs_naive_eager"] == 1.0
     assert res["environment"]["torch"] == torch.__version__ and res["environment"]["date"]
@@ -61,3 +63,79 @@ def test_cli_bench_prints_table_and_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["shape"]["B"] == 2 and data["shape"]["Hkv"] == 2 and data["environment"]["device"]
     assert ptv2_fast.__version__ == data["environment"]["ptv2_fast"]
+
+
+
+def test_flops_and_cache_formulas():
+    s = op_bench.Shape(B=2, Hq=4, Hkv=2, L=3, S=5, P=7, T=3, D=8)
+    fwd = 4 * 2 * 4 * 3 * (7 + 5) * 8
+    assert s.flops("fwd") == fwd == s.flops("decode")
+    assert s.flops("bwd") == 2.5 * fwd and s.flops("fwd+bwd") == 3.5 * fwd
+    per_key = 2 * 2 * 8 * 2  # K and V, Hkv heads, D, fp16 bytes
+    assert s.cache_bytes("ptv2_fast[triton]", 2) == per_key * (2 * 5 + 3 * 7)  # the bank once
+    assert s.cache_bytes("sdpa_precat", 2) == per_key * 2 * (5 + 7)  # a prefix copy per row
+
+
+def test_cpu_peak_bytes_counts_live_tensors():
+    def two_live():
+        a = torch.empty(1000, 250)  # 1 MB
+        b = torch.empty(1000, 500)  # 2 MB, while a lives
+        del a
+        c = torch.empty(1000, 250)  # 1 MB after a was freed
+        return b, c
+
+    peak = op_bench.cpu_peak_bytes(two_live)
+    assert 3_000_000 <= peak < 3_100_000
+
+
+def test_bench_modes_bwd_and_decode():
+    shape = op_bench.Shape(B=3, Hq=4, Hkv=2, L=1, S=20, P=6, T=2, D=16)
+    res = op_bench.run(shape, modes=("decode", "bwd"), warmup=0, reps=1, progress=False)
+    decode = {r["provider"]: r for r in res["results"] if r["mode"] == "decode"}
+    assert decode["ptv2_fast[reference]"]["cache_mb"] < decode["sdpa_precat"]["cache_mb"]
+    assert {r["provider"] for r in res["results"] if r["mode"] == "bwd"} == {
+        "ptv2_fast[reference]", "naive_eager", "sdpa_concat", "sdpa_precat"}
+
+
+def test_presets_are_well_formed():
+    for name, preset in op_bench.SWEEPS.items():
+        shapes = preset.shapes()
+        assert {"seq", "prefix"} <= {series for series, _ in shapes}, name
+        for _, shape in shapes:
+            assert shape.Hq % shape.Hkv == 0 and (shape.L == shape.S or shape.L == 1)
+    assert op_bench.SWEEPS["serve-decode"].base.L == 1 and op_bench.SWEEPS["serve-decode"].modes == ("decode",)
+
+
+def test_cli_bench_preset_writes_json_and_pngs(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    tiny = op_bench.Preset(op_bench.Shape(B=2, Hq=2, Hkv=1, L=8, S=8, P=4, T=2, D=16), seq=(8, 16), prefix=(2, 4),
+                           description="tiny")
+    monkeypatch.setitem(op_bench.SWEEPS, "quick", tiny)
+    assert main(["bench", "--quick", "--reps", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "/naive" in text and "wrote" in text
+    data = json.loads((tmp_path / "bench_quick.json").read_text())
+    assert data["preset"] == "quick" and len(data["runs"]) == 4 and data["environment"]["device"]
+    for axis in ("L", "P"):
+        png = (tmp_path / f"bench_quick_vs_{axis}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_cli_e2e_runs_and_writes_json(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("peft")
+    from ptv2_fast.benchmarks import e2e
+
+    out = tmp_path / "e2e.json"
+    assert main(["e2e", "minilm", "--batch", "2", "--seq", "12", "--prefix", "4", "--steps", "1", "--device", "cpu",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "patched" in text and "x PEFT" in text
+    data = json.loads(out.read_text())
+    variants = {r["variant"]: r for r in data["results"]}
+    assert set(variants) == set(e2e.VARIANTS)
+    for r in data["results"]:
+        assert (r["B"], r["L"], r["P"]) == (2, 12, 4)
+        for phase in ("train", "infer"):
+            assert r[phase]["ms"] > 0 and r[phase]["peak_bytes"] > 0
+    assert variants["peft"]["train"]["time_vs_peft"] == 1.0
+    assert variants["patched"]["trainable_params"] == variants["peft"]["trainable_params"] > 0

