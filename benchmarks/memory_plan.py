@@ -15,8 +15,9 @@ Breakdown (bytes):
 The simulation sees what torch's ops allocate, as they run on the meta device: ptv2_fast's op allocates only
 its outputs there, as the fused kernels do on a GPU (their temporaries are on-chip tiles); SDPA runs its
 math path there, which keeps the attention probabilities (the naive path on a CPU or with eager attention;
-on a GPU, SDPA's fused kernels would keep less, so the naive GPU plan is pessimistic). The tests compare the simulated step peak with the
-measured CPU peak (torch's profiler) of small models within a stated tolerance.
+on a GPU, SDPA's fused kernels would keep less, so the naive GPU plan is pessimistic).
+The tests compare the simulated step peak with the measured CPU peak (torch's profiler) of small models
+within a stated tolerance.
 """
 
 from __future__ import annotations
