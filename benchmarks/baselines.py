@@ -2,7 +2,8 @@
 
 * ``naive_eager``: the P-Tuning v2 / PEFT path: gather the prefix to B rows, ``torch.cat`` with K/V,
   repeat K/V heads for GQA (as HF eager attention does), matmul, additive-masked softmax in fp32, matmul.
-* ``sdpa_concat``: the same concatenation, then ``F.scaled_dot_product_attention`` with the widened mask.
+* ``sdpa_concat``: the same concatenation, then ``F.scaled_dot_product_attention`` with the widened mask
+  (GQA: K/V heads repeated when there is a mask, as transformers does).
 * ``sdpa_precat``: SDPA on K/V concatenated *before* timing (``precat`` builds them): a lower bound that
   pays no concatenation. Its gradients go to the pre-concatenated K/V, not to the bank.
 """
@@ -39,12 +40,21 @@ def naive_eager(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=N
     return torch.matmul(probs, values)
 
 
+def _sdpa(q, keys, values, mask, scale):
+    """SDPA as transformers calls it: GQA through ``enable_gqa`` only without a mask (its fused kernels take
+    no GQA with a mask); with a mask, K/V heads are repeated first."""
+    group = q.shape[1] // keys.shape[1]
+    if group > 1 and mask is not None:
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != keys.shape[1])
+
+
 def sdpa_concat(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
                 key_padding_mask=None, causal=False, scale=None):
     keys, values = concat_prefix(k, v, prefix_k, prefix_v, prefix_index)
     mask = widened_mask(q, k, prefix_k, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    return _sdpa(q, keys, values, mask, scale)
 
 
 def precat(k, v, prefix_k, prefix_v, prefix_index=None):
@@ -55,24 +65,28 @@ def precat(k, v, prefix_k, prefix_v, prefix_index=None):
 
 def sdpa_precat(q, keys, values, mask=None, scale=None):
     """SDPA on pre-concatenated keys/values [B, Hkv, P + S, D] with an optional prebuilt mask."""
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
-                                          enable_gqa=q.shape[1] != keys.shape[1])
+    return _sdpa(q, keys, values, mask, scale)
 
 
-def _attention_with_lse(q, k, v, mask, scale):
+def _attention_with_lse(q, k, v, mask, scale, causal=False):
     """SDPA that also returns the log-sum-exp (natural log), through the fused kernels torch ships:
     flash attention on CPU, memory-efficient attention on CUDA. Forward only: torch exposes no gradient
     for their lse, so ``cascade`` is timed without backward. k/v must have q's head count."""
+    B, H, L, _ = q.shape
+    N = k.shape[2]
     bias = None
     if mask is not None:
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        # an additive bias whose last-dim stride is 16-byte aligned (the CUDA kernel requires it): allocate
+        # padded, use the first N columns; broadcast over heads
+        pad = -N % 16
+        full = torch.zeros((B, 1, L, N + pad), dtype=q.dtype, device=q.device)
+        bias = full[..., :N].masked_fill(~mask.expand(B, 1, L, N), float("-inf")).expand(B, H, L, N)
     if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
                                                                          scale=scale)
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False,
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal,
                                                                       scale=scale)[:2]
-    return out, lse
+    return out, lse[..., :L]  # the kernel pads lse's query axis to a multiple of 32
 
 
 def cascade(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
@@ -91,8 +105,9 @@ def cascade(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None,
                        key_padding_mask=key_padding_mask, causal=causal, device=q.device)[:, None]
     o_p, l_p = _attention_with_lse(q, pk[rows].repeat_interleave(group, 1), pv[rows].repeat_interleave(group, 1),
                                    None if prefix_lens is None else vis[..., :P], scale)
+    plain_causal = causal and L == k.shape[2] and kv_lens is None and key_padding_mask is None
     o_s, l_s = _attention_with_lse(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                   vis[..., P:], scale)
+                                   None if plain_causal else vis[..., P:], scale, causal=plain_causal)
     return merge_attention_states(o_p, l_p, o_s, l_s)[0]
 
 

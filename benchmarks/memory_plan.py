@@ -8,14 +8,18 @@ Breakdown (bytes):
 - step (training): the peak of one forward+backward above what existed before it: activations saved for
   backward plus the transient attention temporaries; found by running the real step on meta tensors and
   tracking every tensor storage the ops create and free (``simulate_peak``);
-- kv_cache (serving): K/V of ``seq + new_tokens`` positions for every row and layer; the naive path also
-  keeps each row's copy of the prefix, ptv2_fast keeps the bank once;
-- step (serving): the peak of one prefill forward above the weights.
+- kv_cache (serving, decoders): K/V of ``seq + new_tokens`` positions for every row and layer; the naive
+  path also keeps each row's copy of the prefix, ptv2_fast none (it reads the bank, the prefix line);
+- step (serving): the peak of one prefill forward above the weights, without the cache it fills (the
+  total adds the prefill's transient to the final cache size: conservative).
+
+``attention="fused"`` (default) plans ptv2_fast's fused kernels (GPU); ``attention="reference"`` plans the
+op's CPU backend of today (the concatenating reference inside the custom op), by running that backend's
+forward and backward code on meta tensors.
 
 The simulation sees what torch's ops allocate, as they run on the meta device: ptv2_fast's op allocates only
-its outputs there, as the fused kernels do on a GPU (their temporaries are on-chip tiles); SDPA runs its
-math path there, which keeps the attention probabilities (the naive path on a CPU or with eager attention;
-on a GPU, SDPA's fused kernels would keep less, so the naive GPU plan is pessimistic).
+its outputs there, as the fused kernels do on a GPU (their temporaries are on-chip tiles); SDPA is counted
+as its fused kernels run it (output and lse, recomputation in backward), as on CPUs and GPUs with a mask.
 The tests compare the simulated step peak with the measured CPU peak (torch's profiler) of small models
 within a stated tolerance.
 """
@@ -79,6 +83,64 @@ def simulate_peak(fn) -> int:
         fn()
     gc.collect()
     return mode.peak
+
+
+class _ReferenceBackendOnMeta(torch.autograd.Function):
+    """The op's CPU (reference) backend, forward and closed-form backward, as autograd sees it: it saves the
+    inputs, out and lse, and recomputes the attention in backward. Runs on meta tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale):
+        from ptv2_fast.ops import backends
+
+        out, lse = backends.ref_fwd(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal,
+                                    scale, 0.0, 0, 0)
+        ctx.save_for_backward(q, k, v, pk, pv, out, lse)
+        ctx.rest = (prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from ptv2_fast.ops import backends
+
+        q, k, v, pk, pv, out, lse = ctx.saved_tensors
+        index, lens, kv_lens, kpm, causal, scale = ctx.rest
+        grads = backends.ref_bwd(dout, None, q, k, v, pk, pv, index, lens, kv_lens, kpm, out, lse, causal, scale,
+                                 0.0, 0, 0)
+        return (*grads, None, None, None, None, None, None)
+
+
+class _FusedSdpaOnMeta(torch.autograd.Function):
+    """What torch's fused SDPA kernels (flash on CPU, memory-efficient on CUDA) allocate: the output and a
+    float32 lse, saved with q/k/v for a backward that recomputes; on meta tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
+
+
+def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        group = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(group, -3), value.repeat_interleave(group, -3)
+    return _FusedSdpaOnMeta.apply(query, key, value, attn_mask)
+
+
+def _reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
+                                key_padding_mask=None, causal=False, scale=None, dropout_p=0.0, backend="auto"):
+    from ptv2_fast.reference import as_bank
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _ReferenceBackendOnMeta.apply(q, k, v, as_bank(prefix_k), as_bank(prefix_v), prefix_index, prefix_lens,
+                                         kv_lens, key_padding_mask, bool(causal), float(scale))
 
 
 def _config_and_kind(model: str):
@@ -158,7 +220,7 @@ def build_step(model: str, variant: str, device: str, batch: int, seq: int, pref
         # cache for ``seq`` tokens (``filled``), which ``plan`` moves from the step peak to the kv_cache line.
         per_key = geo.num_layers * 2 * geo.num_kv_heads * geo.head_dim * net.dtype.itemsize if causal else 0
         filled = per_key * batch * (seq + (prefix if variant == "naive" else 0))  # PEFT: per-row prefix copies
-        static["kv_cache"] = filled + (per_key * tasks * prefix if variant == "ptv2_fast" else 0)  # + the bank
+        static["kv_cache"] = filled  # ptv2_fast: sequence tokens only (the bank is the prefix line)
         static["_filled"], static["_per_row_token"] = filled, per_key
         wrapped.eval()
 
@@ -169,13 +231,26 @@ def build_step(model: str, variant: str, device: str, batch: int, seq: int, pref
 
 
 def plan(model: str, batch: int, seq: int, prefix: int, tasks: int = 1, mode: str = "train", dtype: str = "fp32",
-         new_tokens: int = 0) -> dict:
+         new_tokens: int = 0, attention: str = "fused") -> dict:
     """The breakdown for the naive (PEFT) path and for ptv2_fast; see the module docstring."""
+    import contextlib
+    from unittest import mock
+
+    import ptv2_fast.attention as api
+
+    if attention not in ("fused", "reference"):
+        raise ValueError(f"attention must be fused or reference, got {attention!r}")
     result = {"model": model, "batch": batch, "seq": seq, "prefix": prefix, "tasks": tasks, "mode": mode,
-              "dtype": dtype, "new_tokens": new_tokens}
+              "dtype": dtype, "new_tokens": new_tokens, "attention": attention}
     for variant in ("naive", "ptv2_fast"):
         step, row = build_step(model, variant, "meta", batch, seq, prefix, tasks, mode, dtype)
-        row["step"] = simulate_peak(step)
+        with contextlib.ExitStack() as stack:
+            # SDPA runs its fused kernels on CPUs and GPUs alike (masks included); on meta it would run its
+            # math path, which keeps the probabilities: account for the fused kernels instead.
+            stack.enter_context(mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_sdpa))
+            if attention == "reference":
+                stack.enter_context(mock.patch.object(api, "prefix_attention", _reference_prefix_attention))
+            row["step"] = simulate_peak(step)
         if mode == "serve":
             row["step"] = max(0, row["step"] - row.pop("_filled"))
             row["kv_cache"] += row.pop("_per_row_token") * batch * new_tokens
@@ -201,13 +276,14 @@ def format_plan(p: dict) -> str:
              else "prefill peak", "total": "total"}
     lines = [f"ptv2-fast memory {p['model']} ({p['mode']}, {p['dtype']}): B={p['batch']} L={p['seq']} P={p['prefix']} "
              f"T={p['tasks']}" + (f" new_tokens={p['new_tokens']}" if p["mode"] == "serve" else ""),
-             "planned on the meta device (nothing allocated)", "",
+             "planned on the meta device (nothing allocated); ptv2_fast attention: " +
+             ("fused kernels (GPU)" if p.get("attention", "fused") == "fused" else "the CPU reference backend"), "",
              f"{'component':<40} {'naive (PEFT)':>14} {'ptv2_fast':>14}", "-" * 70]
     for c in comps:
         lines.append(f"{names[c]:<40} {_fmt(p['naive'][c]):>14} {_fmt(p['ptv2_fast'][c]):>14}")
     lines.append(f"\nptv2_fast needs {p['ratio']:.2f}x the naive path's memory")
-    lines.append("(on meta, SDPA runs its math path, which keeps the [B, H, L, P+S] probabilities: that is the naive "
-                 "path on a CPU or with eager attention; on a GPU, SDPA's fused kernels keep less)")
+    lines.append("(the naive path as transformers runs it with SDPA's fused kernels; with eager attention it also "
+                 "keeps the [B, H, L, P+S] probabilities)")
     return "\n".join(lines)
 
 

@@ -53,9 +53,10 @@ class Shape:
 
     def cache_bytes(self, provider: str, itemsize: int) -> int:
         """K/V bytes a serving cache holds for this shape: each row's copy of the prefix for the concatenating
-        paths, the bank once (T rows) for ptv2_fast and cascade."""
+        paths and flash_attn (its cache rows hold [prefix ; sequence]), the bank once (T rows) for ptv2_fast
+        and cascade."""
         per_key = 2 * self.Hkv * self.D * itemsize
-        if provider.startswith("ptv2_fast") or provider in ("cascade", "flash_attn"):
+        if provider.startswith("ptv2_fast") or provider == "cascade":
             return per_key * (self.B * self.S + self.T * self.P)
         return per_key * self.B * (self.S + self.P)
 
@@ -63,8 +64,6 @@ class Shape:
 PRESETS = {
     # The shape the core issue asks to time: P-Tuning v2 NLU, B=32, H=16, L=256, P=64, D=64, padded.
     "nlu": Shape(),
-    # Small enough for a 2-core CPU in well under a minute, same structure.
-    "quick": Shape(B=8, Hq=12, Hkv=12, L=128, S=128, P=32, T=2, D=64),
 }
 
 
@@ -184,17 +183,18 @@ def time_ms(fn, leaves, dout, mode, device, warmup: int, reps: int) -> float:
 def cpu_peak_bytes(fn) -> int:
     """Peak bytes of torch tensors that ``fn()`` allocates above what was allocated before it, on the CPU.
 
-    From torch's profiler with memory profiling: every allocation and free in time order (self memory of
-    each op, so nested ops count once); the running sum's maximum. Exact for tensor memory, blind to the
-    allocator's caching, and deterministic.
+    From torch's profiler with memory profiling: its raw allocation and free records (one per allocator
+    call, nested ops included) in time order; the running sum's maximum. Exact for tensor memory, blind to
+    the allocator's caching, and deterministic.
     """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        current += record.nbytes()
         peak = max(peak, current)
     return peak
 
@@ -229,6 +229,21 @@ def environment(device) -> dict:
     return env
 
 
+def _truth(tensors, idx, kw):
+    """The fp64 reference output, one kv head (and its query heads) at a time when the scores are large
+    (decoder-train's L=8192 would otherwise hold tens of GB in fp64)."""
+    q, k, v, pk, pv = tensors
+    B, Hq, L, _ = q.shape
+    Hkv = k.shape[1]
+    if B * Hq * L * (k.shape[2] + pk.shape[-2]) < 2**27:
+        return prefix_attention_ref(*tensors, idx, compute_dtype=torch.float64, **kw).double()
+    g = Hq // Hkv
+    parts = [prefix_attention_ref(q[:, j * g:(j + 1) * g], k[:, j:j + 1], v[:, j:j + 1], pk[..., j:j + 1, :, :],
+                                  pv[..., j:j + 1, :, :], idx, compute_dtype=torch.float64, **kw).double()
+             for j in range(Hkv)]
+    return torch.cat(parts, dim=1)
+
+
 def run(shape: Shape, dtype: str = "fp32", device: str = "cpu", modes=MODES, warmup: int = 3, reps: int = 10,
         progress=True, bar=None) -> dict:
     """Benchmark every provider on ``shape``; returns the JSON-ready result.
@@ -238,7 +253,7 @@ def run(shape: Shape, dtype: str = "fp32", device: str = "cpu", modes=MODES, war
     """
     torch.manual_seed(0)
     tensors, idx, kw, dout = make_inputs(shape, DTYPES[dtype], device)
-    truth = prefix_attention_ref(*tensors, idx, compute_dtype=torch.float64, **kw).double()
+    truth = _truth(tensors, idx, kw)
     provs = providers(shape, tensors, idx, kw, device)
     rows = []
     itemsize = tensors[0].element_size()
@@ -246,7 +261,10 @@ def run(shape: Shape, dtype: str = "fp32", device: str = "cpu", modes=MODES, war
         for x in leaves:
             x.requires_grad_(True)
         with torch.no_grad():
-            err = (fn().double() - truth).abs().max().item()
+            got = fn()
+        if got.shape != truth.shape:
+            raise RuntimeError(f"{name} returned shape {list(got.shape)}, expected {list(truth.shape)}")
+        err = (got.double() - truth).abs().max().item()
         for mode in modes:
             if bar is not None:
                 bar.set_postfix_str(f"{name} {mode}")
@@ -284,7 +302,8 @@ def run_preset(name: str, dtype: str = "fp32", device: str = "cpu", modes=None, 
         except ImportError:  # progress bars come with the bench extra
             tqdm = None
         if tqdm is not None:
-            bar = tqdm(total=len(shapes) * 6 * len(modes), desc=f"bench {name}", unit="run", leave=False)
+            unique = len({tuple(dataclasses.asdict(shape).values()) for _, shape in shapes})
+            bar = tqdm(total=unique * 6 * len(modes), desc=f"bench {name}", unit="run", leave=False)
     runs, done = [], {}
     for series, shape in shapes:
         key = tuple(dataclasses.asdict(shape).values())

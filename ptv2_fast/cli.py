@@ -17,12 +17,18 @@ def _bench(args) -> int:
     from ptv2_fast.benchmarks import op_bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("ptv2-fast bench: --device cuda, but torch sees no CUDA GPU")
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    reps = args.reps if args.reps is not None else (10 if device == "cuda" else 3)
+    warmup = args.warmup if args.warmup is not None else (3 if device == "cuda" else 1)
     modes = args.modes.split(",") if args.modes else None
     for mode in modes or ():
         if mode not in op_bench.ALL_MODES:
             raise SystemExit(f"ptv2-fast bench: unknown mode {mode!r}; choose from {', '.join(op_bench.ALL_MODES)}")
-    preset = "quick" if args.quick else args.preset
+    if args.quick and args.preset not in (None, "quick"):
+        raise SystemExit(f"ptv2-fast bench: --quick and --preset {args.preset} ask for different presets")
+    preset = "quick" if args.quick else (args.preset or "ptv2-nlu")
     custom = any(getattr(args, f) is not None for f in SHAPE_FLAGS) or args.causal or args.no_padding
     if custom or preset == "nlu":
         base = op_bench.PRESETS.get(preset) or op_bench.SWEEPS[preset].base
@@ -35,14 +41,16 @@ def _bench(args) -> int:
             shape.Hkv = shape.Hq  # --heads alone means multi-head attention, not GQA
         shape.causal = shape.causal or args.causal
         shape.padded = shape.padded and not args.no_padding
+        if shape.Hq % shape.Hkv:
+            raise SystemExit(f"ptv2-fast bench: --heads {shape.Hq} must be a multiple of --kv-heads {shape.Hkv}")
         modes = modes or (["decode"] if shape.L == 1 else list(op_bench.MODES))
-        result = op_bench.run(shape, dtype=dtype, device=device, modes=modes, warmup=args.warmup, reps=args.reps,
+        result = op_bench.run(shape, dtype=dtype, device=device, modes=modes, warmup=warmup, reps=reps,
                               progress=sys.stderr.isatty())
         print(op_bench.format_table(result))
         paths = []
     else:
-        result = op_bench.run_preset(preset, dtype=dtype, device=device, modes=modes, warmup=args.warmup,
-                                     reps=args.reps, progress=sys.stderr.isatty())
+        result = op_bench.run_preset(preset, dtype=dtype, device=device, modes=modes, warmup=warmup, reps=reps,
+                                     progress=sys.stderr.isatty())
         print(op_bench.format_summary(result))
         paths = []
         if not args.no_plots:
@@ -56,9 +64,9 @@ def _bench(args) -> int:
         print("\nOn the CPU the op runs its concatenating reference backend; the fused Triton kernels run on a "
               "CUDA GPU (and are tested on the CPU through Triton's interpreter).")
     json_path = args.json
-    if json_path is None and not (custom or preset == "nlu"):
+    if json_path is None:
         os.makedirs(args.out, exist_ok=True)
-        json_path = os.path.join(args.out, f"bench_{preset}.json")
+        json_path = os.path.join(args.out, f"bench_{'custom' if custom else preset}.json")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
@@ -88,7 +96,7 @@ def _memory(args) -> int:
     warnings.filterwarnings("ignore", message=".*past_key_values.*")  # PEFT's cache kwarg on transformers >= 5.2x
 
     plan = memory_plan.plan(args.model, args.batch, args.seq, args.prefix, tasks=args.tasks, mode=args.mode,
-                            dtype=args.dtype, new_tokens=args.new_tokens)
+                            dtype=args.dtype, new_tokens=args.new_tokens, attention=args.attention)
     print(memory_plan.format_plan(plan))
     if args.json:
         memory_plan.save(plan, args.json)
@@ -101,7 +109,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time prefix attention vs naive_eager / sdpa_concat / sdpa_precat")
     b.add_argument("--quick", action="store_true", help="the quick preset: well under a minute on a 2-core CPU")
-    b.add_argument("--preset", default="ptv2-nlu",
+    b.add_argument("--preset",
                    choices=["quick", "ptv2-nlu", "decoder-train", "serve-decode", "nlu"],
                    help="a named sweep (default: ptv2-nlu; nlu is its single B=32 H=16 L=256 P=64 shape); shape "
                         "flags turn any preset into one shape")
@@ -118,8 +126,8 @@ def main(argv=None) -> int:
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
     b.add_argument("--modes", help="comma-separated of fwd, bwd, fwd+bwd, decode (default: the preset's)")
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--reps", type=int, default=10)
+    b.add_argument("--warmup", type=int, help="untimed runs first (default: 3 on a GPU, 1 on a CPU)")
+    b.add_argument("--reps", type=int, help="timed runs, the median is reported (default: 10 on a GPU, 3 on a CPU)")
     b.add_argument("--json", help="write the result (environment, shapes, every figure) to this file")
     b.add_argument("--out", default="ptv2_fast_bench", help="folder for a preset's JSON and PNG plots")
     b.add_argument("--no-plots", action="store_true")
@@ -148,6 +156,8 @@ def main(argv=None) -> int:
     m.add_argument("--mode", choices=["train", "serve"], default="train")
     m.add_argument("--new-tokens", type=int, default=0, help="serve: tokens generated after the prompt")
     m.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
+    m.add_argument("--attention", choices=["fused", "reference"], default="fused",
+                   help="plan ptv2_fast's fused GPU kernels (default) or its CPU reference backend")
     m.add_argument("--json", help="write the plan to this file")
     m.set_defaults(func=_memory)
     args = parser.parse_args(argv)

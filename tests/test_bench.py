@@ -86,6 +86,12 @@ def test_cpu_peak_bytes_counts_live_tensors():
 
     peak = op_bench.cpu_peak_bytes(two_live)
     assert 3_000_000 <= peak < 3_100_000
+    # allocations inside a composite op count too: softmax of fp16 in fp32 upcasts internally
+    x = torch.randn(1000, 1000)
+    assert op_bench.cpu_peak_bytes(lambda: torch.softmax(x.half(), -1, dtype=torch.float32)) == (2 + 4 + 4) * 10**6
+    # and a backward pass: exp saves its output, its gradient is one more buffer
+    w = torch.randn(1000, 1000, requires_grad=True)
+    assert op_bench.cpu_peak_bytes(lambda: w.exp().sum().backward()) >= 2 * 4 * 10**6
 
 
 def test_bench_modes_bwd_and_decode():
@@ -93,6 +99,7 @@ def test_bench_modes_bwd_and_decode():
     res = op_bench.run(shape, modes=("decode", "bwd"), warmup=0, reps=1, progress=False)
     decode = {r["provider"]: r for r in res["results"] if r["mode"] == "decode"}
     assert decode["ptv2_fast[reference]"]["cache_mb"] < decode["sdpa_precat"]["cache_mb"]
+    assert all(r["max_err"] < 1e-4 and r["ms"] > 0 for r in res["results"])
     assert {r["provider"] for r in res["results"] if r["mode"] == "bwd"} == {
         "ptv2_fast[reference]", "naive_eager", "sdpa_concat", "sdpa_precat"}
 
@@ -119,6 +126,20 @@ def test_cli_bench_preset_writes_json_and_pngs(tmp_path, capsys, monkeypatch):
     for axis in ("L", "P"):
         png = (tmp_path / f"bench_quick_vs_{axis}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_cli_bench_single_shape_and_bad_flags(tmp_path, capsys):
+    assert main(["bench", "--batch", "2", "--heads", "4", "--kv-heads", "2", "--query-len", "1", "--seq-len", "16",
+                 "--prefix-len", "4", "--tasks", "3", "--device", "cpu", "--reps", "1", "--warmup", "0",
+                 "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench_custom.json").read_text())
+    assert {r["mode"] for r in data["results"]} == {"decode"}  # q_len 1 defaults to decode mode
+    with pytest.raises(SystemExit, match="multiple of --kv-heads"):
+        main(["bench", "--heads", "4", "--kv-heads", "3", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="different presets"):
+        main(["bench", "--quick", "--preset", "ptv2-nlu"])
+    with pytest.raises(SystemExit, match="unknown mode"):
+        main(["bench", "--quick", "--modes", "sideways"])
 
 
 def test_cli_e2e_runs_and_writes_json(tmp_path, capsys, monkeypatch):

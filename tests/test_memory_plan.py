@@ -12,10 +12,10 @@ from ptv2_fast.benchmarks import memory_plan  # noqa: E402
 from ptv2_fast.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-# The stated tolerance: the simulated step peak is within 35% of the measured CPU peak. The simulation
-# counts every storage an op creates until its last user lets it go; the CPU measurement (torch's
-# profiler) sees the CPU kernels' own choices (in-place and fused backward ops), which allocate less.
-TOLERANCE = 0.35
+# The stated tolerance: the simulated step peak is within 10% of the measured CPU peak (on these models it
+# is exact but for the Llama training step, 6% low: CPU kernels whose allocations differ from their meta
+# counterparts).
+TOLERANCE = 0.10
 
 
 def _config_file(tmp_path, model_type, **kw):
@@ -26,15 +26,27 @@ def _config_file(tmp_path, model_type, **kw):
 
 
 @pytest.mark.parametrize("model_type", ["bert", "llama"])
-def test_simulated_step_peak_matches_measured_cpu_peak(tmp_path, model_type):
+@pytest.mark.parametrize("mode", ["train", "serve"])
+def test_simulated_step_peak_matches_measured_cpu_peak(tmp_path, model_type, mode):
+    """The naive path, and ptv2_fast planned with the attention the CPU runs (its reference backend),
+    against the same step measured on the CPU (torch's profiler, exact tensor bytes)."""
     path = _config_file(tmp_path, model_type)
-    plan = memory_plan.plan(path, batch=8, seq=96, prefix=32, mode="train")
-    measured = {v: memory_plan.measure_step_cpu(path, v, batch=8, seq=96, prefix=32) for v in ("naive", "ptv2_fast")}
-    for variant, got in measured.items():
-        want = plan[variant]["step"]
+    plan = memory_plan.plan(path, batch=8, seq=96, prefix=32, mode=mode, attention="reference")
+    for variant in ("naive", "ptv2_fast"):
+        got = memory_plan.measure_step_cpu(path, variant, batch=8, seq=96, prefix=32, mode=mode)
+        want = plan[variant]["step"] + (plan[variant].get("kv_cache", 0) if mode == "serve" else 0)
         assert abs(want - got) <= TOLERANCE * got, (variant, want, got)
-    # both say ptv2_fast's step needs less, and by a similar factor
-    assert plan["ptv2_fast"]["step"] < plan["naive"]["step"] and measured["ptv2_fast"] < measured["naive"]
+
+
+def test_fused_plan_keeps_no_attention_matrix(tmp_path):
+    """Planned for the fused kernels, ptv2_fast's training step needs less than the naive path's, which keeps
+    the [B, H, L, P+S] probabilities for backward."""
+    path = _config_file(tmp_path, "bert")
+    fused = memory_plan.plan(path, batch=8, seq=96, prefix=32, mode="train")
+    reference = memory_plan.plan(path, batch=8, seq=96, prefix=32, mode="train", attention="reference")
+    assert fused["ptv2_fast"]["step"] < fused["naive"]["step"]
+    assert fused["ptv2_fast"]["step"] < reference["ptv2_fast"]["step"]
+    assert fused["naive"]["step"] == reference["naive"]["step"]
 
 
 def test_static_components_and_serving_cache(tmp_path):
@@ -49,7 +61,7 @@ def test_static_components_and_serving_cache(tmp_path):
     plan = memory_plan.plan(path, batch=B, seq=S, prefix=P, tasks=T, mode="serve", dtype="bf16", new_tokens=new)
     per_key = layers * 2 * kv_heads * head_dim * 2  # K and V, bf16
     assert plan["naive"]["kv_cache"] == per_key * B * (S + new + P)  # each row carries its prefix copy
-    assert plan["ptv2_fast"]["kv_cache"] == per_key * (B * (S + new) + T * P)  # the bank once
+    assert plan["ptv2_fast"]["kv_cache"] == per_key * B * (S + new)  # sequence tokens only: the bank is a parameter
     prefix_fp32 = layers * 2 * kv_heads * head_dim * P * 4
     assert plan["naive"]["prefix"] == plan["ptv2_fast"]["prefix"] == T * prefix_fp32
     assert plan["naive"]["weights"] == plan["ptv2_fast"]["weights"] > 0
