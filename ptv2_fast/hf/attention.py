@@ -23,8 +23,8 @@ LAYER_ATTR = "_ptv2_fast_layer"
 class PrefixContext:
     """What one forward of a patched model passes to its attention layers (as a keyword argument).
 
-    bank: [layers, 2, T, Hkv, P, D] in the model's dtype; prefix_index: [B] or None (T == 1);
-    prefix_lens: [T] or None; backend: the ``prefix_attention`` backend.
+    bank: [layers, 2, T, Hkv, P, D], any float dtype (each layer casts its slice to the queries' dtype);
+    prefix_index: [B] or None (T == 1); prefix_lens: [T] or None; backend: the ``prefix_attention`` backend.
     """
 
     bank: torch.Tensor

@@ -249,7 +249,8 @@ def _make_context(state: _Patch, prefix_index, batch: int, device, dtype):
     if per_sample:
         lens = None if lens is None else lens.to(device)[prefix_index.long()]
         prefix_index = torch.arange(batch, device=device)
-    return hf_attention.PrefixContext(bank.to(dtype), prefix_index, lens, state.backend), shift
+    # the bank stays in its own dtype: each layer casts its slice (no whole-bank copy per forward)
+    return hf_attention.PrefixContext(bank, prefix_index, lens, state.backend), shift
 
 
 def _fit_batch(ctx, shift, batch: int):
