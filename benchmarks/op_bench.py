@@ -6,8 +6,10 @@ TFLOP/s counting the prefix, peak memory on CUDA, and each provider's max error 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -180,6 +182,24 @@ def time_ms(fn, leaves, dout, mode, device, warmup: int, reps: int) -> float:
     return statistics.median(once() * 1e3 for _ in range(reps))
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 to /dev/null for the block (C++ logging bypasses sys.stderr)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def cpu_peak_bytes(fn) -> int:
     """Peak bytes of torch tensors that ``fn()`` allocates above what was allocated before it, on the CPU.
 
@@ -189,8 +209,14 @@ def cpu_peak_bytes(fn) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # the profiler's C++ side logs a line at every start and stop
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
     for record in sorted(records, key=lambda e: e.start_ns()):
