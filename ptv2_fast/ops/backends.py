@@ -76,23 +76,64 @@ def _cdt(q):
     return torch.promote_types(q.dtype, torch.float32)
 
 
+# The reference backend materialises [rows, Hq, L, P + S] scores (and, in backward, several such tensors):
+# it runs over batch rows in chunks whose temporaries stay near this budget, so its peak memory does not grow
+# with the batch. Rows are independent, so chunking changes no value (prefix gradients are summed per task).
+REF_CHUNK_BYTES = int(os.environ.get("PTV2_FAST_REF_CHUNK_MB", "64")) * 2**20
+
+
+def _row_chunks(q, S, P, live_tensors: int):
+    B, Hq, L, _ = q.shape
+    per_row = max(1, Hq * L * (P + S) * _cdt(q).itemsize * live_tensors)
+    step = max(1, REF_CHUNK_BYTES // per_row)
+    return [slice(b, min(B, b + step)) for b in range(0, B, step)]
+
+
+def _rows(x, sl):
+    return None if x is None else x[sl]
+
+
 def ref_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
             causal, scale, dropout_p, seed, rng_offset):
     mask = _ref_dropout_mask(q, k.shape[2], prefix_k.shape[2], dropout_p, seed, rng_offset)
-    out, lse = reference.prefix_attention_ref(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
-        key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_mask=mask,
-        dropout_p=dropout_p, return_lse=True, compute_dtype=_cdt(q))
-    return out.contiguous(), lse.float().contiguous()
+    outs, lses = [], []
+    for sl in _row_chunks(q, k.shape[2], prefix_k.shape[2], live_tensors=3):
+        out, lse = reference.prefix_attention_ref(
+            q[sl], k[sl], v[sl], prefix_k, prefix_v, _rows(prefix_index, sl), prefix_lens=prefix_lens,
+            kv_lens=_rows(kv_lens, sl), key_padding_mask=_rows(key_padding_mask, sl), causal=causal, scale=scale,
+            dropout_mask=_rows(mask, sl), dropout_p=dropout_p, return_lse=True, compute_dtype=_cdt(q))
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs).contiguous(), torch.cat(lses).float().contiguous()
 
 
 def ref_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
             out, lse, causal, scale, dropout_p, seed, rng_offset):
     # Closed-form gradients over the concatenated keys (the op runs below autograd, so no autograd.grad here).
+    S, P = k.shape[2], prefix_k.shape[2]
+    mask = _ref_dropout_mask(q, S, P, dropout_p, seed, rng_offset)
+    cdt = _cdt(q)
+    dpk = torch.zeros(prefix_k.shape, dtype=cdt, device=q.device)
+    dpv = torch.zeros(prefix_v.shape, dtype=cdt, device=q.device)
+    dqs, dks, dvs = [], [], []
+    for sl in _row_chunks(q, S, P, live_tensors=6):
+        dq, dk, dv = _ref_bwd_rows(dout[sl], _rows(dlse, sl), q[sl], k[sl], v[sl], prefix_k, prefix_v,
+                                   _rows(prefix_index, sl), prefix_lens, _rows(kv_lens, sl),
+                                   _rows(key_padding_mask, sl), out[sl], lse[sl], causal, scale, dropout_p,
+                                   _rows(mask, sl), dpk, dpv)
+        dqs.append(dq)
+        dks.append(dk)
+        dvs.append(dv)
+    return (torch.cat(dqs), torch.cat(dks), torch.cat(dvs), dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype))
+
+
+def _ref_bwd_rows(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                  out, lse, causal, scale, dropout_p, mask, dpk, dpv):
+    """dq, dk, dv of these batch rows; their prefix gradients are added into dpk/dpv [T, Hkv, P, D]."""
     cdt = _cdt(q)
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    T, P = prefix_k.shape[0], prefix_k.shape[2]
+    P = prefix_k.shape[2]
     group = Hq // Hkv
     keys, values = reference.concat_prefix(k, v, prefix_k, prefix_v, prefix_index, group=group, dtype=cdt)
     qc, doc = q.to(cdt), dout.to(cdt)
@@ -102,9 +143,9 @@ def ref_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, 
     empty = torch.isinf(lse_c)
     scores = torch.matmul(qc, keys.transpose(-1, -2)) * scale
     probs = torch.where(vis, torch.exp(scores - torch.where(empty, 0.0, lse_c)), 0.0)
+    del scores
     dp = torch.matmul(doc, values.transpose(-1, -2))
     pd = probs
-    mask = _ref_dropout_mask(q, S, P, dropout_p, seed, rng_offset)
     if mask is not None:
         dp = dp * mask / (1.0 - dropout_p)
         pd = probs * mask / (1.0 - dropout_p)
@@ -112,14 +153,14 @@ def ref_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, 
     if dlse is not None:
         delta = delta - torch.where(empty, 0.0, dlse.to(cdt)[..., None])
     ds = probs * (dp - delta)
+    del dp
     dq = torch.matmul(ds, keys) * scale
     dkeys = (torch.matmul(ds.transpose(-1, -2), qc) * scale).unflatten(1, (Hkv, group)).sum(2)
     dvalues = torch.matmul(pd.transpose(-1, -2), doc).unflatten(1, (Hkv, group)).sum(2)
     idx = prefix_index.long() if prefix_index is not None else torch.zeros(B, dtype=torch.long, device=q.device)
-    dpk = torch.zeros((T, Hkv, P, D), dtype=cdt, device=q.device).index_add_(0, idx, dkeys[:, :, :P])
-    dpv = torch.zeros((T, Hkv, P, D), dtype=cdt, device=q.device).index_add_(0, idx, dvalues[:, :, :P])
-    return (dq.to(q.dtype), dkeys[:, :, P:].to(k.dtype), dvalues[:, :, P:].to(v.dtype),
-            dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype))
+    dpk.index_add_(0, idx, dkeys[:, :, :P])
+    dpv.index_add_(0, idx, dvalues[:, :, :P])
+    return dq.to(q.dtype), dkeys[:, :, P:].to(k.dtype), dvalues[:, :, P:].to(v.dtype)
 
 
 def triton_fwd(*args):
