@@ -13,9 +13,9 @@ Breakdown (bytes):
 - step (serving): the peak of one prefill forward above the weights, without the cache it fills (the
   total adds the prefill's transient to the final cache size: conservative).
 
-``attention="fused"`` (default) plans ptv2_fast's fused kernels (GPU); ``attention="reference"`` plans the
-op's CPU backend of today (the concatenating reference inside the custom op), by running that backend's
-forward and backward code on meta tensors.
+``attention="fused"`` (default) plans ptv2_fast's fused kernels (Triton on GPUs, the C++ extension on CPUs);
+``attention="reference"`` plans the op's concatenating reference backend (CPUs without the extension), by
+running that backend's forward and backward code on meta tensors.
 
 The simulation sees what torch's ops allocate, as they run on the meta device: ptv2_fast's op allocates only
 its outputs there, as the fused kernels do on a GPU (their temporaries are on-chip tiles); SDPA is counted

@@ -15,9 +15,9 @@ def draw_rng_key() -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
 
 
-def resolve_backend(backend: str, device) -> str:
+def resolve_backend(backend: str, device, dtype=None, dropout_p: float = 0.0) -> str:
     """The backend ``prefix_attention(..., backend=backend)`` would use for tensors on ``device``."""
-    return backends.resolve(backend, torch.device(device))
+    return backends.resolve(backend, torch.device(device), dtype, float(dropout_p))
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
@@ -39,8 +39,9 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_l
         dropout_p: attention dropout probability in [0, 1); the mask is drawn from torch's default
             generator (``torch.manual_seed`` makes it reproducible) and replayed exactly in backward.
         return_lse: also return lse [B, Hq, L] float32 (natural log; -inf for a row that sees no key).
-        backend: "auto" (Triton on CUDA tensors, the reference on CPU tensors), "triton", "cuda", "cpp"
-            or "reference".
+        backend: "auto" (Triton on CUDA tensors; on CPU tensors the fused C++ extension, built on first
+            use, or the reference for float64, dropout, or when the extension cannot be built), "triton",
+            "cpp" (CPU, no dropout) or "reference". "cuda" is refused: CUDA's native kernel is the decode op.
 
     Returns:
         out [B, Hq, L, D] in q's dtype, or (out, lse) with ``return_lse``. A query that sees no key at
@@ -50,7 +51,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_l
     """
     pk, pv = as_bank(prefix_k), as_bank(prefix_v)
     checks.check_shapes(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask, dropout_p, scale)
-    name = backends.resolve(backend, q.device)
+    name = backends.resolve(backend, q.device, q.dtype, float(dropout_p))
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     dropout_p = float(dropout_p)
     rng_key = draw_rng_key() if dropout_p > 0.0 else None

@@ -106,7 +106,7 @@ def test_smollm2_matches_peft_and_generates_the_same_20_tokens(smollm2):
     out.loss.backward()
     want.loss.backward()
     for a, b in zip(peft_model.prompt_encoder.parameters(), ref.prompt_encoder.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=2e-3)
+        torch.testing.assert_close(a.grad, b.grad, atol=5e-5, rtol=2e-3)
     del labels
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     got = peft_model.generate(**batch, max_new_tokens=20, do_sample=False, pad_token_id=pad)

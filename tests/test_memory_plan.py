@@ -28,10 +28,14 @@ def _config_file(tmp_path, model_type, **kw):
 @pytest.mark.parametrize("model_type", ["bert", "llama"])
 @pytest.mark.parametrize("mode", ["train", "serve"])
 def test_simulated_step_peak_matches_measured_cpu_peak(tmp_path, model_type, mode):
-    """The naive path, and ptv2_fast planned with the attention the CPU runs (its reference backend),
-    against the same step measured on the CPU (torch's profiler, exact tensor bytes)."""
+    """The naive path, and ptv2_fast planned with the attention the CPU runs (the fused C++ kernels, or the
+    reference backend without the extension), against the same step measured on the CPU (torch's profiler,
+    exact tensor bytes)."""
+    from ptv2_fast import _ext
+
     path = _config_file(tmp_path, model_type)
-    plan = memory_plan.plan(path, batch=8, seq=96, prefix=32, mode=mode, attention="reference")
+    attention = "fused" if _ext.load() else "reference"
+    plan = memory_plan.plan(path, batch=8, seq=96, prefix=32, mode=mode, attention=attention)
     for variant in ("naive", "ptv2_fast"):
         got = memory_plan.measure_step_cpu(path, variant, batch=8, seq=96, prefix=32, mode=mode)
         want = plan[variant]["step"] + (plan[variant].get("kv_cache", 0) if mode == "serve" else 0)

@@ -32,12 +32,31 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend name for a request, or a clear error when it cannot run on ``device``."""
+EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _extension_ops():
+    from .. import _ext
+
+    if not _ext.load():
+        raise BackendUnavailable(f"the C++ extension is unavailable: {_ext.status()['error']}")
+    return torch.ops.ptv2_fast
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None, dropout_p: float = 0.0) -> str:
+    """The concrete backend name for a request, or a clear error when it cannot run on ``device``.
+
+    ``auto``: Triton on CUDA tensors; on CPU tensors the C++ extension (built on first use) for float32,
+    float16 and bfloat16 without dropout, else the concatenating reference."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type != "cuda":
+            if device.type == "cpu" and (dtype is None or dtype in EXT_DTYPES) and dropout_p == 0.0:
+                from .. import _ext
+
+                if _ext.load():
+                    return "cpp"
             return "reference"
         try:
             _triton_kernels()
@@ -55,8 +74,21 @@ def resolve(backend: str, device: torch.device) -> str:
             raise BackendUnavailable(f"backend='triton' does not run on {device.type} tensors")
         _triton_kernels()
         return "triton"
-    if backend in ("cuda", "cpp"):
-        raise BackendUnavailable(f"backend={backend!r}: the C++/CUDA extension is not part of this build yet")
+    if backend == "cuda":
+        raise BackendUnavailable("backend='cuda': the CUDA extension provides the decode kernel "
+                                 "(ptv2_fast.prefix_decode_attention); prefix_attention on CUDA tensors runs in "
+                                 "Triton (backend='triton' or 'auto')")
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise BackendUnavailable(f"backend='cpp' runs on CPU tensors, got {device.type} tensors")
+        if dtype is not None and dtype not in EXT_DTYPES:
+            raise BackendUnavailable(f"backend='cpp' supports float32, float16 and bfloat16, got {dtype} "
+                                     "(use backend='reference')")
+        if dropout_p > 0.0:
+            raise BackendUnavailable("backend='cpp' has no attention dropout; backend='auto' runs dropout on the "
+                                     "reference backend on CPU tensors")
+        _extension_ops()
+        return "cpp"
     return "reference"
 
 
@@ -171,5 +203,19 @@ def triton_bwd(*args):
     return _triton_kernels().prefix_attention_bwd(*args)
 
 
-FWD = {"reference": ref_fwd, "triton": triton_fwd}
-BWD = {"reference": ref_bwd, "triton": triton_bwd}
+def cpp_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
+            dropout_p, seed, rng_offset):
+    if dropout_p > 0.0:  # resolve() never picks cpp with dropout; a direct call must not drop it silently
+        raise BackendUnavailable("backend='cpp' has no attention dropout")
+    return _extension_ops().prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
+                                                 key_padding_mask, causal, scale)
+
+
+def cpp_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, out, lse,
+            causal, scale, dropout_p, seed, rng_offset):
+    return _extension_ops().prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens,
+                                                 kv_lens, key_padding_mask, out, lse, causal, scale)
+
+
+FWD = {"reference": ref_fwd, "triton": triton_fwd, "cpp": cpp_fwd}
+BWD = {"reference": ref_bwd, "triton": triton_bwd, "cpp": cpp_bwd}

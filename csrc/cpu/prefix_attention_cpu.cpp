@@ -1,0 +1,486 @@
+// Fused prefix attention on the CPU, forward and backward.
+//
+// Maths (per batch row b, query head h, kv head hk = h / (Hq / Hkv), task t = prefix_index[b]):
+//   keys K' = [prefix_k[t, hk, :plen_t] ; k[b, hk]], values V' likewise (never materialised),
+//   s = scale * q K'^T + mask,  out = softmax(s) V',  lse = log sum exp s.
+// Forward: tiled online softmax in base 2 (tiles of BQ queries x BK keys; no [L, P + S] matrix exists).
+// Backward (delta_i = dout_i . out_i - dlse_i, p = exp(s - lse), ds = p (dout V'^T - delta)):
+//   phase 1, one task per (b, hk): dq over all keys and the sequence dk/dv of that row;
+//   phase 2, one task per (t, hk, prefix key tile): the prefix dk/dv summed over the rows of task t,
+//   so the bank gradient is reduced per task with no per-row buffer and in a fixed order (deterministic
+//   for any thread count). Tasks run in parallel through at::parallel_for (OpenMP).
+// All arithmetic is fp32; fp16/bf16 inputs are widened when a tile is loaded.
+
+#include "../prefix_attention_params.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace ptv2_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t BQ = 32;  // query rows per tile
+constexpr int64_t BK = 64;  // keys per tile; the transposed key tile has this fixed pitch
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline float widen(float x) { return x; }
+inline float widen(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float widen(c10::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+inline T narrow(float x) { return static_cast<T>(x); }
+
+inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return std::min(std::max(x, lo), hi); }
+
+// x <- 2^x over a block, written so that the compiler vectorises it (libm's exp2f is a scalar call):
+// round to nearest with the 1.5 * 2^23 trick, 2^n from exponent bits, 2^f for |f| <= 1/2 from its Taylor
+// series to degree 8 (truncation below 1e-9 relative). Inputs below -126 (including -inf) give 0.
+inline void exp2_inplace(float* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float xi = x[i];
+    const float t = std::min(std::max(xi, -126.0f), 127.0f);
+    const float r = (t + 12582912.0f) - 12582912.0f;
+    const float f = (t - r) * LN2;
+    const float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 +
+                    f * (1.0f / 720 + f * (1.0f / 5040 + f * (1.0f / 40320))))))));
+    const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;
+    float two_n;
+    std::memcpy(&two_n, &bits, sizeof(two_n));
+    x[i] = xi < -126.0f ? 0.0f : p * two_n;
+  }
+}
+
+// dst[r, :D] = float(src[r * rs + c * cs]) for r < rows, dst[r, D:ld] = 0; dst pitch ld >= D.
+template <typename T>
+void load_rows(float* __restrict dst, int64_t ld, const T* src, int64_t rows, int64_t rs, int64_t cs, int64_t D) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * rs;
+    float* d = dst + r * ld;
+    if (cs == 1) {
+      for (int64_t c = 0; c < D; ++c) d[c] = widen(s[c]);
+    } else {
+      for (int64_t c = 0; c < D; ++c) d[c] = widen(s[c * cs]);
+    }
+    for (int64_t c = D; c < ld; ++c) d[c] = 0.0f;  // pad columns (the tiles' D is a multiple of 16)
+  }
+}
+
+inline int64_t padded(int64_t D) { return (D + 15) / 16 * 16; }
+
+// dst[r, :D] = scale * src[r, :D] for r < rows (src pitch ld, dst contiguous).
+template <typename T>
+void store_rows(T* dst, const float* src, int64_t rows, int64_t D, int64_t ld, float scale) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < D; ++c) dst[r * D + c] = narrow<T>(src[r * ld + c] * scale);
+}
+
+// kt[c, j] = k[j, c] for j < nk, 0 for nk <= j < BK (so a padded key scores 0 and is masked after).
+void transpose_tile(float* __restrict kt, const float* __restrict k, int64_t nk, int64_t D) {
+  for (int64_t c = 0; c < D; ++c) {
+    float* row = kt + c * BK;
+    for (int64_t j = 0; j < nk; ++j) row[j] = k[j * D + c];
+    for (int64_t j = nk; j < BK; ++j) row[j] = 0.0f;
+  }
+}
+
+// The products below keep register tiles of MR rows x (BK or W columns) while they sweep the reduction
+// axis, so each loaded row of the shared operand feeds MR independent FMA chains. W is a compile-time width
+// dividing D (the tiles pad D to a multiple of 16). Rows past M (or keys past nk) are handled by a
+// one-row remainder loop.
+constexpr int MR = 4;
+
+// s[m, 0:BK] = alpha * a[m, :D] . bt[:D, 0:BK]   (a pitch D, bt pitch BK, s pitch BK)
+template <int R>
+inline void gemm_a_bt_rows(float* __restrict s, const float* __restrict a, const float* __restrict bt, int64_t D,
+                           float alpha) {
+  float acc[R][BK] = {};
+  for (int64_t c = 0; c < D; ++c) {
+    const float* b = bt + c * BK;
+    for (int r = 0; r < R; ++r) {
+      const float x = a[r * D + c];
+      for (int64_t j = 0; j < BK; ++j) acc[r][j] += x * b[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < BK; ++j) s[r * BK + j] = alpha * acc[r][j];
+}
+
+void gemm_a_bt(float* __restrict s, const float* __restrict a, const float* __restrict bt, int64_t M, int64_t D,
+               float alpha) {
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) gemm_a_bt_rows<2>(s + m * BK, a + m * D, bt, D, alpha);
+  for (; m < M; ++m) gemm_a_bt_rows<1>(s + m * BK, a + m * D, bt, D, alpha);
+}
+
+// c[m, :D] += sum_j p[m, j] * x[j, :D] for j < nk   (p pitch BK, x and c pitch D)
+template <int W, int R>
+inline void gemm_p_x_rows(float* __restrict c, const float* __restrict p, const float* __restrict x, int64_t nk,
+                          int64_t D) {
+  for (int64_t d0 = 0; d0 < D; d0 += W) {
+    float acc[R][W];
+    for (int r = 0; r < R; ++r)
+      for (int w = 0; w < W; ++w) acc[r][w] = c[r * D + d0 + w];
+    for (int64_t j = 0; j < nk; ++j) {
+      const float* xj = x + j * D + d0;
+      for (int r = 0; r < R; ++r) {
+        const float pj = p[r * BK + j];
+        for (int w = 0; w < W; ++w) acc[r][w] += pj * xj[w];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int w = 0; w < W; ++w) c[r * D + d0 + w] = acc[r][w];
+  }
+}
+
+template <int W>
+void gemm_p_x_w(float* c, const float* p, const float* x, int64_t M, int64_t nk, int64_t D) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) gemm_p_x_rows<W, MR>(c + m * D, p + m * BK, x, nk, D);
+  for (; m < M; ++m) gemm_p_x_rows<W, 1>(c + m * D, p + m * BK, x, nk, D);
+}
+
+// c[j, :D] += sum_m p[m, j] * x[m, :D] for j < nk   (p pitch BK, x and c pitch D)
+template <int W, int R>
+inline void gemm_pt_x_rows(float* __restrict c, const float* __restrict p, const float* __restrict x, int64_t M,
+                           int64_t D) {
+  for (int64_t d0 = 0; d0 < D; d0 += W) {
+    float acc[R][W];
+    for (int r = 0; r < R; ++r)
+      for (int w = 0; w < W; ++w) acc[r][w] = c[r * D + d0 + w];
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * D + d0;
+      for (int r = 0; r < R; ++r) {
+        const float pmj = p[m * BK + r];
+        for (int w = 0; w < W; ++w) acc[r][w] += pmj * xm[w];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int w = 0; w < W; ++w) c[r * D + d0 + w] = acc[r][w];
+  }
+}
+
+template <int W>
+void gemm_pt_x_w(float* c, const float* p, const float* x, int64_t M, int64_t nk, int64_t D) {
+  int64_t j = 0;
+  for (; j + MR <= nk; j += MR) gemm_pt_x_rows<W, MR>(c + j * D, p + j, x, M, D);
+  for (; j < nk; ++j) gemm_pt_x_rows<W, 1>(c + j * D, p + j, x, M, D);
+}
+
+void gemm_p_x(float* c, const float* p, const float* x, int64_t M, int64_t nk, int64_t D) {
+  if (D % 64 == 0) return gemm_p_x_w<64>(c, p, x, M, nk, D);
+  if (D % 32 == 0) return gemm_p_x_w<32>(c, p, x, M, nk, D);
+  gemm_p_x_w<16>(c, p, x, M, nk, D);
+}
+
+void gemm_pt_x(float* c, const float* p, const float* x, int64_t M, int64_t nk, int64_t D) {
+  if (D % 64 == 0) return gemm_pt_x_w<64>(c, p, x, M, nk, D);
+  if (D % 32 == 0) return gemm_pt_x_w<32>(c, p, x, M, nk, D);
+  gemm_pt_x_w<16>(c, p, x, M, nk, D);
+}
+
+// Which keys of a tile a query sees. Prefix keys: j < plen. Sequence keys: j < kv_len, the padding mask,
+// and (causal) j <= i + S - L.
+struct TileMask {
+  bool prefix;
+  int64_t j0, nk;
+  const bool* kpm;  // row b of the key padding mask (sequence tiles), or nullptr
+  int64_t kpm_stride;
+  bool causal;
+  int64_t shift;  // S - L
+
+  // Set s[r, j] = -inf where query i0 + r does not see key j0 + j; also the padded columns j >= nk.
+  void apply(float* s, int64_t i0, int64_t M) const {
+    for (int64_t r = 0; r < M; ++r) {
+      float* sr = s + r * BK;
+      int64_t vis_end = nk;  // visible columns are a prefix [0, vis_end) before the padding mask
+      if (!prefix && causal) vis_end = clamp64(i0 + r + shift - j0 + 1, 0, nk);
+      for (int64_t j = vis_end; j < BK; ++j) sr[j] = NEG_INF;
+      if (!prefix && kpm != nullptr) {
+        for (int64_t j = 0; j < vis_end; ++j)
+          if (!kpm[(j0 + j) * kpm_stride]) sr[j] = NEG_INF;
+      }
+    }
+  }
+  // True when no query of rows [i0, i0 + M) sees any key of the tile (causal tiles past the diagonal).
+  bool all_hidden(int64_t i0, int64_t M) const {
+    return !prefix && causal && j0 > i0 + M - 1 + shift;
+  }
+};
+
+struct RowInfo {
+  int64_t task, plen, seq_end;
+};
+
+RowInfo row_info(const PrefixAttentionFwdParams& p, int64_t b) {
+  RowInfo r;
+  r.task = p.prefix_index ? clamp64(p.prefix_index[b], 0, p.T - 1) : 0;
+  r.plen = p.prefix_lens ? clamp64(p.prefix_lens[r.task], 0, p.P) : p.P;
+  r.seq_end = p.kv_lens ? clamp64(p.kv_lens[b], 0, p.S) : p.S;
+  return r;
+}
+
+// Scratch of one key tile: rows, transpose, values, transposed values.
+struct KeyTile {
+  std::vector<float> k, kt, v, vt;
+  explicit KeyTile(int64_t D) : k(BK * D), kt(D * BK), v(BK * D), vt(D * BK) {}
+};
+
+template <typename T>
+void load_key_tile(KeyTile& kt, const PrefixAttentionFwdParams& p, bool prefix, int64_t b_or_t, int64_t hk,
+                   int64_t j0, int64_t nk, bool want_vt) {
+  const int64_t D = p.D, Dp = padded(D);
+  const T* kb = prefix ? static_cast<const T*>(p.pk) + b_or_t * p.pk_s[0] + hk * p.pk_s[1] + j0 * p.pk_s[2]
+                       : static_cast<const T*>(p.k) + b_or_t * p.k_s[0] + hk * p.k_s[1] + j0 * p.k_s[2];
+  const T* vb = prefix ? static_cast<const T*>(p.pv) + b_or_t * p.pv_s[0] + hk * p.pv_s[1] + j0 * p.pv_s[2]
+                       : static_cast<const T*>(p.v) + b_or_t * p.v_s[0] + hk * p.v_s[1] + j0 * p.v_s[2];
+  const int64_t* ks = prefix ? p.pk_s : p.k_s;
+  const int64_t* vs = prefix ? p.pv_s : p.v_s;
+  load_rows(kt.k.data(), Dp, kb, nk, ks[2], ks[3], D);
+  load_rows(kt.v.data(), Dp, vb, nk, vs[2], vs[3], D);
+  transpose_tile(kt.kt.data(), kt.k.data(), nk, Dp);
+  if (want_vt) transpose_tile(kt.vt.data(), kt.v.data(), nk, Dp);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// forward
+
+// One task per (b, h, chunk of QC queries): each key tile is loaded (and widened, transposed) once per chunk
+// and used by all of its BQ-row query tiles.
+constexpr int64_t QC = 256;
+
+template <typename T>
+void forward_impl(const PrefixAttentionFwdParams& p) {
+  const int64_t D = p.D, Dp = padded(D), G = p.Hq / p.Hkv, n_qc = (p.L + QC - 1) / QC;
+  const float qk_scale = p.scale * LOG2E;  // scores in base 2
+  at::parallel_for(0, p.B * p.Hq * n_qc, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(QC * Dp), s(BQ * BK), acc(QC * Dp), m(QC), l(QC);
+    KeyTile tile(Dp);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qc = task % n_qc, h = (task / n_qc) % p.Hq, b = task / (n_qc * p.Hq);
+      const int64_t hk = h / G, c0 = qc * QC, MC = std::min(QC, p.L - c0);
+      const RowInfo ri = row_info(p, b);
+      load_rows(q.data(), Dp, static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1] + c0 * p.q_s[2], MC,
+                p.q_s[2], p.q_s[3], D);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(m.begin(), m.end(), NEG_INF);
+      std::fill(l.begin(), l.end(), 0.0f);
+
+      auto run_tile = [&](bool prefix, int64_t j0, int64_t nk) {
+        TileMask mask{prefix, j0, nk, p.kpm ? p.kpm + b * p.kpm_s[0] : nullptr, p.kpm_s[1], p.causal, p.S - p.L};
+        if (mask.all_hidden(c0, MC)) return;
+        load_key_tile<T>(tile, p, prefix, prefix ? ri.task : b, hk, j0, nk, false);
+        for (int64_t t0 = 0; t0 < MC; t0 += BQ) {
+          const int64_t i0 = c0 + t0, M = std::min(BQ, MC - t0);
+          if (mask.all_hidden(i0, M)) continue;
+          float* acc_t = acc.data() + t0 * Dp;
+          gemm_a_bt(s.data(), q.data() + t0 * Dp, tile.kt.data(), M, Dp, qk_scale);
+          mask.apply(s.data(), i0, M);
+          for (int64_t r = 0; r < M; ++r) {
+            float* sr = s.data() + r * BK;
+            float mx = NEG_INF;
+            for (int64_t j = 0; j < BK; ++j) mx = std::max(mx, sr[j]);
+            const float m_old = m[t0 + r], m_new = std::max(m_old, mx);
+            if (m_new == NEG_INF) {  // nothing visible yet: keep the state, contribute nothing
+              std::fill(sr, sr + BK, 0.0f);
+              continue;
+            }
+            for (int64_t j = 0; j < BK; ++j) sr[j] -= m_new;
+            exp2_inplace(sr, BK);
+            float sum = 0.0f;
+            for (int64_t j = 0; j < BK; ++j) sum += sr[j];
+            float alpha = m_old - m_new;
+            exp2_inplace(&alpha, 1);
+            l[t0 + r] = l[t0 + r] * alpha + sum;
+            m[t0 + r] = m_new;
+            if (alpha != 1.0f) {
+              float* ar = acc_t + r * Dp;
+              for (int64_t d = 0; d < Dp; ++d) ar[d] *= alpha;
+            }
+          }
+          gemm_p_x(acc_t, s.data(), tile.v.data(), M, nk, Dp);
+        }
+      };
+      for (int64_t j0 = 0; j0 < ri.plen; j0 += BK) run_tile(true, j0, std::min(BK, ri.plen - j0));
+      for (int64_t j0 = 0; j0 < ri.seq_end; j0 += BK) run_tile(false, j0, std::min(BK, ri.seq_end - j0));
+
+      T* out = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.L + c0) * D;
+      float* lse = p.lse + (b * p.Hq + h) * p.L + c0;
+      for (int64_t r = 0; r < MC; ++r) {
+        const bool empty = l[r] == 0.0f;
+        const float inv = empty ? 0.0f : 1.0f / l[r];
+        for (int64_t d = 0; d < D; ++d) out[r * D + d] = narrow<T>(acc[r * Dp + d] * inv);
+        lse[r] = empty ? NEG_INF : (m[r] + std::log2(l[r])) * LN2;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// backward
+
+// The part of backward shared by both phases, for one tile of M queries against one key tile:
+// probabilities pr = exp(s - lse) (0 where hidden) and ds = pr * (dout . v - delta), both [M, BK].
+struct BwdTileMath {
+  std::vector<float> pr, ds;
+  BwdTileMath() : pr(BQ * BK), ds(BQ * BK) {}
+
+  void run(const float* q, const float* dout, const float* lse2, const float* delta, const KeyTile& kt,
+           const TileMask& mask, int64_t i0, int64_t M, int64_t D, float qk_scale) {
+    gemm_a_bt(pr.data(), q, kt.kt.data(), M, D, qk_scale);  // D: the padded width
+    mask.apply(pr.data(), i0, M);
+    for (int64_t r = 0; r < M; ++r) {
+      float* pr_r = pr.data() + r * BK;
+      if (lse2[r] == NEG_INF) {  // the row sees no key at all: no gradient through it
+        std::fill(pr_r, pr_r + BK, 0.0f);
+        continue;
+      }
+      for (int64_t j = 0; j < BK; ++j) pr_r[j] -= lse2[r];
+      exp2_inplace(pr_r, BK);
+    }
+    gemm_a_bt(ds.data(), dout, kt.vt.data(), M, D, 1.0f);
+    for (int64_t r = 0; r < M; ++r) {
+      float* dr = ds.data() + r * BK;
+      const float* pr_r = pr.data() + r * BK;
+      for (int64_t j = 0; j < BK; ++j) dr[j] = pr_r[j] * (dr[j] - delta[r]);
+    }
+  }
+};
+
+template <typename T>
+void backward_impl(const PrefixAttentionBwdParams& p) {
+  const int64_t D = p.D, Dp = padded(D), G = p.Hq / p.Hkv, L = p.L;
+  const float qk_scale = p.scale * LOG2E;
+  // delta and lse (base 2) of every query row, filled by phase 1 and read by phase 2.
+  std::vector<float> delta_all(p.B * p.Hq * L), lse2_all(p.B * p.Hq * L);
+
+  // Phase 1: one task per (b, hk): dq of the G query heads over all keys, and dk/dv of row b's sequence.
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(G * L * Dp), dout(G * L * Dp), dq(G * L * Dp), dk(BK * Dp), dv(BK * Dp), o(D);
+    KeyTile tile(Dp);
+    BwdTileMath math;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.Hkv, hk = task % p.Hkv;
+      const RowInfo ri = row_info(p, b);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * G + g, row0 = (b * p.Hq + h) * L;
+        load_rows(q.data() + g * L * Dp, Dp, static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1], L,
+                  p.q_s[2], p.q_s[3], D);
+        load_rows(dout.data() + g * L * Dp, Dp, static_cast<const T*>(p.dout) + b * p.dout_s[0] + h * p.dout_s[1],
+                  L, p.dout_s[2], p.dout_s[3], D);
+        for (int64_t i = 0; i < L; ++i) {
+          load_rows(o.data(), D, static_cast<const T*>(p.out) + b * p.out_s[0] + h * p.out_s[1] + i * p.out_s[2], 1,
+                    0, p.out_s[3], D);
+          const float* dor = dout.data() + (g * L + i) * Dp;
+          float dot = 0.0f;
+          for (int64_t d = 0; d < D; ++d) dot += dor[d] * o[d];
+          const float lse = p.lse[row0 + i];
+          const bool empty = lse == NEG_INF;
+          delta_all[row0 + i] = dot - (p.dlse != nullptr && !empty ? p.dlse[row0 + i] : 0.0f);
+          lse2_all[row0 + i] = empty ? NEG_INF : lse * LOG2E;
+        }
+      }
+      std::fill(dq.begin(), dq.end(), 0.0f);
+
+      auto run_tile = [&](bool prefix, int64_t j0, int64_t nk) {
+        TileMask mask{prefix, j0, nk, p.kpm ? p.kpm + b * p.kpm_s[0] : nullptr, p.kpm_s[1], p.causal, p.S - L};
+        load_key_tile<T>(tile, p, prefix, prefix ? ri.task : b, hk, j0, nk, true);
+        if (!prefix) {
+          std::fill(dk.begin(), dk.end(), 0.0f);
+          std::fill(dv.begin(), dv.end(), 0.0f);
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t row0 = (b * p.Hq + hk * G + g) * L;
+          for (int64_t i0 = 0; i0 < L; i0 += BQ) {
+            const int64_t M = std::min(BQ, L - i0);
+            if (mask.all_hidden(i0, M)) continue;
+            const float* qg = q.data() + (g * L + i0) * Dp;
+            const float* dog = dout.data() + (g * L + i0) * Dp;
+            math.run(qg, dog, lse2_all.data() + row0 + i0, delta_all.data() + row0 + i0, tile, mask, i0, M, Dp,
+                     qk_scale);
+            gemm_p_x(dq.data() + (g * L + i0) * Dp, math.ds.data(), tile.k.data(), M, nk, Dp);
+            if (!prefix) {
+              gemm_pt_x(dv.data(), math.pr.data(), dog, M, nk, Dp);
+              gemm_pt_x(dk.data(), math.ds.data(), qg, M, nk, Dp);
+            }
+          }
+        }
+        if (!prefix) {
+          T* dkb = static_cast<T*>(p.dk) + ((b * p.Hkv + hk) * p.S + j0) * D;
+          T* dvb = static_cast<T*>(p.dv) + ((b * p.Hkv + hk) * p.S + j0) * D;
+          store_rows(dkb, dk.data(), nk, D, Dp, p.scale);
+          store_rows(dvb, dv.data(), nk, D, Dp, 1.0f);
+        }
+      };
+      for (int64_t j0 = 0; j0 < ri.plen; j0 += BK) run_tile(true, j0, std::min(BK, ri.plen - j0));
+      for (int64_t j0 = 0; j0 < ri.seq_end; j0 += BK) run_tile(false, j0, std::min(BK, ri.seq_end - j0));
+      for (int64_t g = 0; g < G; ++g) {
+        T* dqb = static_cast<T*>(p.dq) + (b * p.Hq + hk * G + g) * L * D;
+        store_rows(dqb, dq.data() + g * L * Dp, L, D, Dp, p.scale);
+      }
+    }
+  });
+
+  if (p.P == 0) return;
+  // Phase 2: one task per (t, hk, prefix key tile), summing over the rows of task t in batch order.
+  std::vector<std::vector<int64_t>> rows(p.T);
+  for (int64_t b = 0; b < p.B; ++b) rows[row_info(p, b).task].push_back(b);
+  const int64_t n_kt = (p.P + BK - 1) / BK;
+  at::parallel_for(0, p.T * p.Hkv * n_kt, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(BQ * Dp), dout(BQ * Dp), dk(BK * Dp), dv(BK * Dp);
+    KeyTile tile(Dp);
+    BwdTileMath math;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t kt = task % n_kt, hk = (task / n_kt) % p.Hkv, t = task / (n_kt * p.Hkv);
+      const int64_t plen = p.prefix_lens ? clamp64(p.prefix_lens[t], 0, p.P) : p.P, j0 = kt * BK;
+      if (rows[t].empty() || j0 >= plen) continue;  // unused rows and hidden columns keep their zeros
+      const int64_t nk = std::min(BK, plen - j0);
+      const TileMask mask{true, j0, nk, nullptr, 0, false, 0};
+      load_key_tile<T>(tile, p, true, t, hk, j0, nk, true);
+      std::fill(dk.begin(), dk.end(), 0.0f);
+      std::fill(dv.begin(), dv.end(), 0.0f);
+      for (int64_t b : rows[t]) {
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = hk * G + g, row0 = (b * p.Hq + h) * L;
+          for (int64_t i0 = 0; i0 < L; i0 += BQ) {
+            const int64_t M = std::min(BQ, L - i0);
+            load_rows(q.data(), Dp, static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1] + i0 * p.q_s[2], M,
+                      p.q_s[2], p.q_s[3], D);
+            load_rows(dout.data(), Dp,
+                      static_cast<const T*>(p.dout) + b * p.dout_s[0] + h * p.dout_s[1] + i0 * p.dout_s[2], M,
+                      p.dout_s[2], p.dout_s[3], D);
+            math.run(q.data(), dout.data(), lse2_all.data() + row0 + i0, delta_all.data() + row0 + i0, tile, mask,
+                     i0, M, Dp, qk_scale);
+            gemm_pt_x(dv.data(), math.pr.data(), dout.data(), M, nk, Dp);
+            gemm_pt_x(dk.data(), math.ds.data(), q.data(), M, nk, Dp);
+          }
+        }
+      }
+      T* dkb = static_cast<T*>(p.dpk) + ((t * p.Hkv + hk) * p.P + j0) * D;
+      T* dvb = static_cast<T*>(p.dpv) + ((t * p.Hkv + hk) * p.P + j0) * D;
+      store_rows(dkb, dk.data(), nk, D, Dp, p.scale);
+      store_rows(dvb, dv.data(), nk, D, Dp, 1.0f);
+    }
+  });
+}
+
+}  // namespace
+
+void prefix_attention_fwd_cpu_float(const PrefixAttentionFwdParams& p) { forward_impl<float>(p); }
+void prefix_attention_fwd_cpu_bf16(const PrefixAttentionFwdParams& p) { forward_impl<c10::BFloat16>(p); }
+void prefix_attention_fwd_cpu_half(const PrefixAttentionFwdParams& p) { forward_impl<c10::Half>(p); }
+void prefix_attention_bwd_cpu_float(const PrefixAttentionBwdParams& p) { backward_impl<float>(p); }
+void prefix_attention_bwd_cpu_bf16(const PrefixAttentionBwdParams& p) { backward_impl<c10::BFloat16>(p); }
+void prefix_attention_bwd_cpu_half(const PrefixAttentionBwdParams& p) { backward_impl<c10::Half>(p); }
+
+}  // namespace cpu
+}  // namespace ptv2_fast

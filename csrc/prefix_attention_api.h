@@ -1,0 +1,36 @@
+// The tensor-level entry points of the extension: input checks, device guard, stream, output allocation.
+// Registered as torch.ops.ptv2_fast.* in registration.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace ptv2_fast {
+
+std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_index,
+    const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& kv_lens,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_bwd_cpu(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+    const std::optional<at::Tensor>& prefix_index, const std::optional<at::Tensor>& prefix_lens,
+    const std::optional<at::Tensor>& kv_lens, const std::optional<at::Tensor>& key_padding_mask,
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale);
+
+// Same schema on both devices; CUDA needs head dim 64 or 128.
+std::tuple<at::Tensor, at::Tensor> prefix_decode_attention(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const at::Tensor& prefix_k, const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_index,
+    const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& page_table, bool causal,
+    double scale, int64_t num_splits);
+
+// "cpu" or "cpu+cuda sm_80,sm_90": what this build of the extension contains.
+std::string build_info();
+
+}  // namespace ptv2_fast

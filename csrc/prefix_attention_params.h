@@ -1,0 +1,39 @@
+// Plain parameter blocks of the prefix-attention kernels: raw pointers, sizes and element strides.
+// Kernels see only these structs (no ATen tensors, no Python); the API layer fills them after checking.
+#pragma once
+
+#include <cstdint>
+
+namespace ptv2_fast {
+
+// Strides are in elements, in the order of the logical shape named beside each pointer.
+struct PrefixAttentionFwdParams {
+  int64_t B, Hq, Hkv, L, S, P, T, D;
+  const void* q;  int64_t q_s[4];    // [B, Hq, L, D]
+  const void* k;  int64_t k_s[4];    // [B, Hkv, S, D]
+  const void* v;  int64_t v_s[4];    // [B, Hkv, S, D]
+  const void* pk; int64_t pk_s[4];   // [T, Hkv, P, D]
+  const void* pv; int64_t pv_s[4];   // [T, Hkv, P, D]
+  const int64_t* prefix_index;       // [B] or nullptr (row 0 for all); clamped to [0, T)
+  const int64_t* prefix_lens;        // [T] or nullptr (P for all); clamped to [0, P]
+  const int64_t* kv_lens;            // [B] or nullptr (S for all); clamped to [0, S]
+  const bool* kpm; int64_t kpm_s[2]; // [B, S] key padding mask, true = attend, or nullptr
+  bool causal;                       // bottom-right over the sequence part: key j visible to query i iff j <= i + S - L
+  float scale;
+  void* out;                         // [B, Hq, L, D] contiguous, dtype of q
+  float* lse;                        // [B, Hq, L] contiguous, natural log, -inf for a row that sees no key
+};
+
+struct PrefixAttentionBwdParams : PrefixAttentionFwdParams {
+  const void* dout; int64_t dout_s[4];  // [B, Hq, L, D], dtype of q
+  const float* dlse;                    // [B, Hq, L] contiguous, or nullptr
+  // out / lse (inherited) are inputs here: out may be strided as dout is.
+  int64_t out_s[4];
+  void* dq;  // [B, Hq, L, D] contiguous
+  void* dk;  // [B, Hkv, S, D] contiguous
+  void* dv;  // [B, Hkv, S, D] contiguous
+  void* dpk; // [T, Hkv, P, D] contiguous: the gradient summed over the rows of each task, 0 for unused rows
+  void* dpv; // [T, Hkv, P, D] contiguous
+};
+
+}  // namespace ptv2_fast

@@ -1,0 +1,32 @@
+// The one registration file: schemas of torch.ops.ptv2_fast.* and their CPU / CUDA implementations.
+// Fake (meta) implementations are registered from Python (ptv2_fast/_ext.py) so torch.compile can trace.
+
+#include "prefix_attention_api.h"
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(ptv2_fast, m) {
+  m.def("prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+        "Tensor? prefix_index, Tensor? prefix_lens, Tensor? kv_lens, Tensor? key_padding_mask, bool causal, "
+        "float scale) -> (Tensor out, Tensor lse)");
+  m.def("prefix_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
+        "Tensor prefix_v, Tensor? prefix_index, Tensor? prefix_lens, Tensor? kv_lens, Tensor? key_padding_mask, "
+        "Tensor out, Tensor lse, bool causal, float scale) "
+        "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dprefix_k, Tensor dprefix_v)");
+  m.def("prefix_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
+        "Tensor prefix_k, Tensor prefix_v, Tensor? prefix_index, Tensor? prefix_lens, Tensor? page_table, "
+        "bool causal, float scale, int num_splits) -> (Tensor out, Tensor lse)");
+  m.def("build_info() -> str", &ptv2_fast::build_info);
+}
+
+TORCH_LIBRARY_IMPL(ptv2_fast, CPU, m) {
+  m.impl("prefix_attention_fwd", &ptv2_fast::prefix_attention_fwd_cpu);
+  m.impl("prefix_attention_bwd", &ptv2_fast::prefix_attention_bwd_cpu);
+  m.impl("prefix_decode_attention", &ptv2_fast::prefix_decode_attention);
+}
+
+#ifdef PTV2_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(ptv2_fast, CUDA, m) {
+  m.impl("prefix_decode_attention", &ptv2_fast::prefix_decode_attention);
+}
+#endif
