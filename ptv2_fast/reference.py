@@ -77,6 +77,12 @@ def prefix_attention_ref(q, k, v, prefix_k, prefix_v, prefix_index=None, *, pref
     vis = visible_keys(B, L, S, P, prefix_index=prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
                        key_padding_mask=key_padding_mask, causal=causal, device=q.device)[:, None]
 
+    return _attend(scores, vis, values, q.dtype, dt, dropout_mask, dropout_p, return_lse)
+
+
+def _attend(scores, vis, values, out_dtype, dt, dropout_mask=None, dropout_p=0.0, return_lse=False):
+    """Masked softmax of ``scores`` [B, H, L, N] over the visible keys ``vis`` (broadcastable bool), times
+    ``values`` [B, H, N, D]; rows that see nothing give out = 0 and lse = -inf."""
     sdt = torch.promote_types(dt, torch.float32)
     scores = scores.to(sdt).masked_fill(~vis, float("-inf"))
     m = scores.amax(dim=-1, keepdim=True)
@@ -89,7 +95,7 @@ def prefix_attention_ref(q, k, v, prefix_k, prefix_v, prefix_index=None, *, pref
                       m + torch.log(torch.where(empty, torch.ones_like(denom), denom))).squeeze(-1)
     if dropout_mask is not None and dropout_p > 0.0:
         probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
-    out = torch.matmul(probs.to(dt), values).to(q.dtype)
+    out = torch.matmul(probs.to(dt), values).to(out_dtype)
     if return_lse:
         return out, lse  # float32, or float64 when computing in float64
     return out
@@ -102,3 +108,38 @@ def merge_attention_states_ref(o_a, lse_a, o_b, lse_b):
     w_b = torch.nan_to_num(torch.exp(lse_b.double() - lse))
     o = w_a[..., None] * o_a.double() + w_b[..., None] * o_b.double()
     return o, lse
+
+
+def gather_pages(cache: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
+    """A paged cache [num_pages, Hkv, page_size, D] laid out per row: [B, Hkv, max_pages * page_size, D]."""
+    rows = cache[page_table.long()]  # [B, max_pages, Hkv, page_size, D]
+    B, n, H, ps, D = rows.shape
+    return rows.permute(0, 2, 1, 3, 4).reshape(B, H, n * ps, D)
+
+
+def prefix_decode_attention_ref(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v, prefix_index=None, *,
+                                prefix_lens=None, page_table=None, causal=True, scale=None, return_lse=False,
+                                compute_dtype=None):
+    """Concatenating decode attention: the specification of ``ptv2_fast.prefix_decode_attention``.
+
+    q [B, Hq, Lq, D] holds the Lq newest tokens of each row, which are already the last of the
+    ``cache_seqlens[b]`` valid entries of its cache (k_cache/v_cache [B, Hkv, S_max, D], or paged
+    [num_pages, Hkv, page_size, D] with ``page_table`` [B, max_pages]). Query i of row b sees its task's
+    prefix and cache entries c < cache_seqlens[b], and, when ``causal``, only c <= cache_seqlens[b] - Lq + i.
+    Returns out [B, Hq, Lq, D] in q's dtype (and lse [B, Hq, Lq] with ``return_lse``).
+    """
+    dt = compute_dtype or q.dtype
+    k, v = (k_cache, v_cache) if page_table is None else (gather_pages(k_cache, page_table),
+                                                          gather_pages(v_cache, page_table))
+    B, Hq, Lq, D = q.shape
+    Hkv, S, P = k.shape[1], k.shape[2], as_bank(prefix_k).shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    keys, values = concat_prefix(k, v, prefix_k, prefix_v, prefix_index, group=Hq // Hkv, dtype=dt)
+    scores = torch.matmul(q.to(dt), keys.transpose(-1, -2)) * scale
+    seqlens = cache_seqlens.long()
+    vis = visible_keys(B, Lq, S, P, prefix_index=prefix_index, prefix_lens=prefix_lens, kv_lens=seqlens,
+                       device=q.device)
+    if causal:
+        limit = seqlens[:, None] - Lq + torch.arange(Lq, device=q.device)[None]  # [B, Lq]
+        vis[:, :, P:] &= torch.arange(S, device=q.device)[None, None] <= limit[:, :, None]
+    return _attend(scores, vis[:, None], values, q.dtype, dt, return_lse=return_lse)
