@@ -78,9 +78,12 @@ class Preset:
     prefix: tuple = ()    # values of P
     modes: tuple = MODES
     description: str = ""
+    fixed: tuple = ()     # or a list of unrelated shapes (series "single"), e.g. one per model
 
     def shapes(self) -> list[tuple[str, Shape]]:
         """(series, shape) pairs: series "seq" varies L/S, "prefix" varies P; a shape on both appears twice."""
+        if self.fixed:
+            return [("single", s) for s in self.fixed]
         out = []
         decode = self.base.L == 1
         for n in self.seq:
@@ -99,6 +102,11 @@ SWEEPS = {
     "decoder-train": Preset(Shape(B=1, Hq=32, Hkv=8, L=4096, S=4096, P=128, T=1, D=128, causal=True, padded=False),
                             seq=(2048, 4096, 8192), prefix=(32, 512),
                             description="decoder training: Hq=32, Hkv=8, D=128, causal, P=128 (a GPU preset)"),
+    "cpu-ext": Preset(Shape(B=8, Hq=12, Hkv=12, L=128, S=128, P=32, T=1, D=32),
+                      fixed=(Shape(B=8, Hq=12, Hkv=12, L=128, S=128, P=32, T=1, D=32),
+                             Shape(B=4, Hq=9, Hkv=3, L=512, S=512, P=64, T=1, D=64, causal=True, padded=False)),
+                      description="CPU shapes of the C++ extension: MiniLM-like (B=8, H=12, L=128, P=32, D=32, "
+                                  "padded) and SmolLM2-like (B=4, Hq=9, Hkv=3, L=512, P=64, D=64, causal)"),
     "serve-decode": Preset(Shape(B=64, Hq=32, Hkv=8, L=1, S=1024, P=128, T=8, D=128, padded=True),
                            seq=(512, 1024, 2048, 4096), prefix=(32, 512), modes=("decode",),
                            description="mixed-task serving decode: B=64, T=8 tasks, q_len 1, cache 512-4k"),

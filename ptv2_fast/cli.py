@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+import ptv2_fast
+
 SHAPE_FLAGS = ("B", "Hq", "Hkv", "L", "S", "P", "T", "D")
 
 
@@ -61,8 +63,11 @@ def _bench(args) -> int:
             except ImportError:
                 print("\n(no plots: matplotlib is not installed; pip install ptv2-fast[bench])")
     if device == "cpu":
-        print("\nOn the CPU the op runs its concatenating reference backend; the fused Triton kernels run on a "
-              "CUDA GPU (and are tested on the CPU through Triton's interpreter).")
+        if ptv2_fast.resolve_backend("auto", "cpu") == "cpp":
+            print("\nOn the CPU the op runs the fused C++ extension; the fused Triton kernels run on a CUDA GPU.")
+        else:
+            print("\nOn the CPU the op runs its concatenating reference backend here (the C++ extension is "
+                  "unavailable); the fused Triton kernels run on a CUDA GPU.")
     json_path = args.json
     if json_path is None:
         os.makedirs(args.out, exist_ok=True)
@@ -110,7 +115,7 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="time prefix attention vs naive_eager / sdpa_concat / sdpa_precat")
     b.add_argument("--quick", action="store_true", help="the quick preset: well under a minute on a 2-core CPU")
     b.add_argument("--preset",
-                   choices=["quick", "ptv2-nlu", "decoder-train", "serve-decode", "nlu"],
+                   choices=["quick", "ptv2-nlu", "decoder-train", "serve-decode", "cpu-ext", "nlu"],
                    help="a named sweep (default: ptv2-nlu; nlu is its single B=32 H=16 L=256 P=64 shape); shape "
                         "flags turn any preset into one shape")
     b.add_argument("--batch", dest="B", type=int)

@@ -28,7 +28,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t BQ = 32;  // query rows per tile
-constexpr int64_t BK = 64;  // keys per tile; the transposed key tile has this fixed pitch
+constexpr int64_t BK = 128;  // keys per tile; the transposed key tile has this fixed pitch
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -41,6 +41,27 @@ template <typename T>
 inline T narrow(float x) { return static_cast<T>(x); }
 
 inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return std::min(std::max(x, lo), hi); }
+
+// max and sum over n (a multiple of 16) floats, in 16 lanes: an fp reduction in one accumulator would not
+// vectorise without -ffast-math (reassociation).
+inline float max16(const float* __restrict x, int64_t n) {
+  float lane[16];
+  for (int w = 0; w < 16; ++w) lane[w] = x[w];
+  for (int64_t j = 16; j < n; j += 16)
+    for (int w = 0; w < 16; ++w) lane[w] = lane[w] > x[j + w] ? lane[w] : x[j + w];
+  float m = lane[0];
+  for (int w = 1; w < 16; ++w) m = m > lane[w] ? m : lane[w];
+  return m;
+}
+
+inline float sum16(const float* __restrict x, int64_t n) {
+  float lane[16] = {};
+  for (int64_t j = 0; j < n; j += 16)
+    for (int w = 0; w < 16; ++w) lane[w] += x[j + w];
+  float s = 0.0f;
+  for (int w = 0; w < 16; ++w) s += lane[w];
+  return s;
+}
 
 // x <- 2^x over a block, written so that the compiler vectorises it (libm's exp2f is a scalar call):
 // round to nearest with the 1.5 * 2^23 trick, 2^n from exponent bits, 2^f for |f| <= 1/2 from its Taylor
@@ -99,27 +120,43 @@ void transpose_tile(float* __restrict kt, const float* __restrict k, int64_t nk,
 // one-row remainder loop.
 constexpr int MR = 4;
 
-// s[m, 0:BK] = alpha * a[m, :D] . bt[:D, 0:BK]   (a pitch D, bt pitch BK, s pitch BK)
-template <int R>
+// s[m, 0:N] = alpha * a[m, :D] . bt[:D, 0:N]   (a pitch D, bt pitch BK, s pitch BK); N = the tile's key
+// count rounded up to 16, so a short tile (a prefix of 32, a padded row's last keys) costs what it holds.
+template <int R, int N>
 inline void gemm_a_bt_rows(float* __restrict s, const float* __restrict a, const float* __restrict bt, int64_t D,
                            float alpha) {
-  float acc[R][BK] = {};
+  float acc[R][N] = {};
   for (int64_t c = 0; c < D; ++c) {
     const float* b = bt + c * BK;
     for (int r = 0; r < R; ++r) {
       const float x = a[r * D + c];
-      for (int64_t j = 0; j < BK; ++j) acc[r][j] += x * b[j];
+      for (int j = 0; j < N; ++j) acc[r][j] += x * b[j];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int64_t j = 0; j < BK; ++j) s[r * BK + j] = alpha * acc[r][j];
+    for (int j = 0; j < N; ++j) s[r * BK + j] = alpha * acc[r][j];
 }
 
-void gemm_a_bt(float* __restrict s, const float* __restrict a, const float* __restrict bt, int64_t M, int64_t D,
-               float alpha) {
+template <int N>
+void gemm_a_bt_n(float* s, const float* a, const float* bt, int64_t M, int64_t D, float alpha) {
+  constexpr int R = N > 64 ? 2 : MR;  // R x N accumulators stay within the 32 vector registers
   int64_t m = 0;
-  for (; m + 2 <= M; m += 2) gemm_a_bt_rows<2>(s + m * BK, a + m * D, bt, D, alpha);
-  for (; m < M; ++m) gemm_a_bt_rows<1>(s + m * BK, a + m * D, bt, D, alpha);
+  for (; m + R <= M; m += R) gemm_a_bt_rows<R, N>(s + m * BK, a + m * D, bt, D, alpha);
+  for (; m < M; ++m) gemm_a_bt_rows<1, N>(s + m * BK, a + m * D, bt, D, alpha);
+}
+
+inline int64_t width16(int64_t nk) { return (nk + 15) / 16 * 16; }
+
+void gemm_a_bt(float* s, const float* a, const float* bt, int64_t M, int64_t D, float alpha, int64_t nw) {
+  switch (nw) {
+    case 16: return gemm_a_bt_n<16>(s, a, bt, M, D, alpha);
+    case 32: return gemm_a_bt_n<32>(s, a, bt, M, D, alpha);
+    case 48: return gemm_a_bt_n<48>(s, a, bt, M, D, alpha);
+    case 64: return gemm_a_bt_n<64>(s, a, bt, M, D, alpha);
+    case 80: return gemm_a_bt_n<80>(s, a, bt, M, D, alpha);
+    case 96: return gemm_a_bt_n<96>(s, a, bt, M, D, alpha);
+    default: return gemm_a_bt_n<BK>(s, a, bt, M, D, alpha);
+  }
 }
 
 // c[m, :D] += sum_j p[m, j] * x[j, :D] for j < nk   (p pitch BK, x and c pitch D)
@@ -198,13 +235,13 @@ struct TileMask {
   bool causal;
   int64_t shift;  // S - L
 
-  // Set s[r, j] = -inf where query i0 + r does not see key j0 + j; also the padded columns j >= nk.
-  void apply(float* s, int64_t i0, int64_t M) const {
+  // Set s[r, j] = -inf where query i0 + r does not see key j0 + j; also the padded columns nk <= j < nw.
+  void apply(float* s, int64_t i0, int64_t M, int64_t nw) const {
     for (int64_t r = 0; r < M; ++r) {
       float* sr = s + r * BK;
       int64_t vis_end = nk;  // visible columns are a prefix [0, vis_end) before the padding mask
       if (!prefix && causal) vis_end = clamp64(i0 + r + shift - j0 + 1, 0, nk);
-      for (int64_t j = vis_end; j < BK; ++j) sr[j] = NEG_INF;
+      for (int64_t j = vis_end; j < nw; ++j) sr[j] = NEG_INF;
       if (!prefix && kpm != nullptr) {
         for (int64_t j = 0; j < vis_end; ++j)
           if (!kpm[(j0 + j) * kpm_stride]) sr[j] = NEG_INF;
@@ -278,26 +315,25 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
       auto run_tile = [&](bool prefix, int64_t j0, int64_t nk) {
         TileMask mask{prefix, j0, nk, p.kpm ? p.kpm + b * p.kpm_s[0] : nullptr, p.kpm_s[1], p.causal, p.S - p.L};
         if (mask.all_hidden(c0, MC)) return;
+        const int64_t nw = width16(nk);
         load_key_tile<T>(tile, p, prefix, prefix ? ri.task : b, hk, j0, nk, false);
         for (int64_t t0 = 0; t0 < MC; t0 += BQ) {
           const int64_t i0 = c0 + t0, M = std::min(BQ, MC - t0);
           if (mask.all_hidden(i0, M)) continue;
           float* acc_t = acc.data() + t0 * Dp;
-          gemm_a_bt(s.data(), q.data() + t0 * Dp, tile.kt.data(), M, Dp, qk_scale);
-          mask.apply(s.data(), i0, M);
+          gemm_a_bt(s.data(), q.data() + t0 * Dp, tile.kt.data(), M, Dp, qk_scale, nw);
+          mask.apply(s.data(), i0, M, nw);
           for (int64_t r = 0; r < M; ++r) {
             float* sr = s.data() + r * BK;
-            float mx = NEG_INF;
-            for (int64_t j = 0; j < BK; ++j) mx = std::max(mx, sr[j]);
+            const float mx = max16(sr, nw);
             const float m_old = m[t0 + r], m_new = std::max(m_old, mx);
             if (m_new == NEG_INF) {  // nothing visible yet: keep the state, contribute nothing
-              std::fill(sr, sr + BK, 0.0f);
+              std::fill(sr, sr + nw, 0.0f);
               continue;
             }
-            for (int64_t j = 0; j < BK; ++j) sr[j] -= m_new;
-            exp2_inplace(sr, BK);
-            float sum = 0.0f;
-            for (int64_t j = 0; j < BK; ++j) sum += sr[j];
+            for (int64_t j = 0; j < nw; ++j) sr[j] -= m_new;
+            exp2_inplace(sr, nw);
+            const float sum = sum16(sr, nw);
             float alpha = m_old - m_new;
             exp2_inplace(&alpha, 1);
             l[t0 + r] = l[t0 + r] * alpha + sum;
@@ -329,29 +365,31 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
 // backward
 
 // The part of backward shared by both phases, for one tile of M queries against one key tile:
-// probabilities pr = exp(s - lse) (0 where hidden) and ds = pr * (dout . v - delta), both [M, BK].
+// probabilities pr = exp(s - lse) (0 where hidden) and ds = pr * (dout . v - delta), both [M, nw]
+// (nw = the tile's key count rounded up to 16; pitch BK).
 struct BwdTileMath {
   std::vector<float> pr, ds;
   BwdTileMath() : pr(BQ * BK), ds(BQ * BK) {}
 
   void run(const float* q, const float* dout, const float* lse2, const float* delta, const KeyTile& kt,
            const TileMask& mask, int64_t i0, int64_t M, int64_t D, float qk_scale) {
-    gemm_a_bt(pr.data(), q, kt.kt.data(), M, D, qk_scale);  // D: the padded width
-    mask.apply(pr.data(), i0, M);
+    const int64_t nw = width16(mask.nk);
+    gemm_a_bt(pr.data(), q, kt.kt.data(), M, D, qk_scale, nw);  // D: the padded width
+    mask.apply(pr.data(), i0, M, nw);
     for (int64_t r = 0; r < M; ++r) {
       float* pr_r = pr.data() + r * BK;
       if (lse2[r] == NEG_INF) {  // the row sees no key at all: no gradient through it
-        std::fill(pr_r, pr_r + BK, 0.0f);
+        std::fill(pr_r, pr_r + nw, 0.0f);
         continue;
       }
-      for (int64_t j = 0; j < BK; ++j) pr_r[j] -= lse2[r];
-      exp2_inplace(pr_r, BK);
+      for (int64_t j = 0; j < nw; ++j) pr_r[j] -= lse2[r];
+      exp2_inplace(pr_r, nw);
     }
-    gemm_a_bt(ds.data(), dout, kt.vt.data(), M, D, 1.0f);
+    gemm_a_bt(ds.data(), dout, kt.vt.data(), M, D, 1.0f, nw);
     for (int64_t r = 0; r < M; ++r) {
       float* dr = ds.data() + r * BK;
       const float* pr_r = pr.data() + r * BK;
-      for (int64_t j = 0; j < BK; ++j) dr[j] = pr_r[j] * (dr[j] - delta[r]);
+      for (int64_t j = 0; j < nw; ++j) dr[j] = pr_r[j] * (dr[j] - delta[r]);
     }
   }
 };
