@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-shot GPU check: install without dependencies, run the GPU tests (fp32/fp16/bf16), `ptv2-fast bench` on
-# every preset and `ptv2-fast e2e` on bert-large and llama-1b,
+# One-shot GPU check: install without dependencies, build the C++/CUDA extension, run the decode kernel's
+# tests and then the GPU tests (fp32/fp16/bf16), `ptv2-fast bench` on every preset (serve-decode times the
+# CUDA decode kernel against the naive cache-copy path) and `ptv2-fast e2e` on bert-large and llama-1b,
 # writing every log and result into one folder. Stops itself inside the time budget.
 #
 #   benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS=420]
@@ -23,6 +24,15 @@ py=${PYTHON:-python3}
   $py -c "import ptv2_fast; print('ptv2_fast', ptv2_fast.__version__)"
 } > "$out/env.log" 2>&1
 cat "$out/env.log"
+
+# The extension (CPU + CUDA sources, sm_80/sm_90 plus this GPU's arch), built once into a cache in $out so
+# the tests' processes load it instead of compiling; then the decode kernel's tests first (they are quick).
+export PTV2_FAST_EXT_CACHE="$out/ext_cache"
+MAX_JOBS=${MAX_JOBS:-16} timeout 300 $py -m ptv2_fast._ext --cuda > "$out/ext_build.log" 2>&1
+echo "ext build rc=$?" >> "$out/ext_build.log"
+tail -n 3 "$out/ext_build.log"
+timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_decode.py 2>&1 | tail -n 40 > "$out/decode_tests.log"
+tail -n 3 "$out/decode_tests.log"
 
 # GPU tests: the whole suite runs on the GPU when one is present; -m gpu adds the large shapes. The
 # ahead-of-time compile test is for machines without a GPU and is skipped here. xdist if installed.

@@ -148,7 +148,27 @@ def providers(shape: Shape, tensors, idx, kw, device):
     flash = baselines.flash_attn_provider(shape, tensors, idx, kw)
     if flash is not None:
         provs["flash_attn"] = (flash, tensors, False)
+    decode = _decode_provider(shape, tensors, idx, kw)
+    if decode is not None:
+        provs.update(decode)
     return provs
+
+
+def _decode_provider(shape: Shape, tensors, idx, kw):
+    """``prefix_decode_attention`` (the native decode kernel: CUDA on a GPU, C++ on a CPU) on decode shapes
+    (L = 1): the cache is k/v as they are ([B, Hkv, S, D], sequence tokens only), kv_lens its valid length."""
+    if shape.L != 1:
+        return None
+    from ptv2_fast.decode import resolve_decode_backend
+
+    q, k, v, pk, pv = (x.detach() for x in tensors)
+    name = resolve_decode_backend("auto", q)
+    if name == "reference":
+        return None
+    kvl = kw.get("kv_lens")
+    seqlens = kvl if kvl is not None else torch.full((shape.B,), shape.S, device=q.device)
+    fn = lambda: ptv2_fast.prefix_decode_attention(q, k, v, seqlens, pk, pv, idx, causal=shape.causal)  # noqa: E731
+    return {f"ptv2_fast[decode-{name}]": (fn, tensors, False)}
 
 
 def _sync(device):

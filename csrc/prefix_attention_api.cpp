@@ -313,6 +313,10 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_attention(
   check_range(op, "prefix_index", idx, 0, T - 1);
   check_range(op, "prefix_lens", plens, 0, P);
 
+  if (q.numel() == 0) {  // nothing to attend: no launch (a zero-sized grid is an invalid configuration)
+    return {at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous)),
+            at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat))};
+  }
   if (num_splits == 0) {  // enough blocks to fill the device, each over at least 256 virtual keys
     num_splits = 1;
 #ifdef PTV2_FAST_WITH_CUDA
@@ -325,8 +329,6 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_attention(
 #endif
   }
   p.num_splits = num_splits;
-  TORCH_CHECK(B <= 65535 && Hkv * ((Hq / Hkv * Lq + 15) / 16) <= 65535, op, ": batch or head count too large");
-
   const c10::DeviceGuard guard(q.device());
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
@@ -359,6 +361,8 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_attention(
     return {out, lse};
   }
 #ifdef PTV2_FAST_WITH_CUDA
+  TORCH_CHECK(B <= 65535 && Hkv * ((Hq / Hkv * Lq + 15) / 16) <= 65535 && B * Hq * Lq <= INT32_MAX, op,
+              ": batch or head count too large for one CUDA launch (B <= 65535)");
   if (num_splits > 1) {
     o_part = at::empty({num_splits, B, Hq, Lq, D}, q.options().dtype(at::kFloat));
     lse_part = at::empty({num_splits, B, Hq, Lq}, q.options().dtype(at::kFloat));

@@ -174,3 +174,11 @@ def test_cpp_op_checks_its_inputs_too():
     with pytest.raises(RuntimeError, match="new tokens"):
         op(torch.randn(5, 8, 17, 64), k, v, seqlens, pk, pv, idx, None, None, True, 0.1, 1)
     torch.library.opcheck(op.default, (q, k, v, seqlens, pk, pv, idx, None, None, True, 0.1, 3))
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension unavailable")
+def test_empty_batch_returns_empty_outputs():
+    c = DCase()
+    (q, k, v, seqlens, pk, pv, idx), kw = make_decode(c, "cpu")
+    out, lse = ptv2_fast.prefix_decode_attention(q[:0], k[:0], v[:0], seqlens[:0], pk, pv, idx[:0], return_lse=True)
+    assert out.shape == (0, c.Hq, c.Lq, c.D) and lse.shape == (0, c.Hq, c.Lq)
