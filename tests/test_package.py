@@ -48,8 +48,9 @@ def test_built_wheel_ships_kernels_inside_ptv2_fast(tmp_path):
     # Build from a copy of the sources, so no stale build/ folder of the checkout leaks into the wheel.
     root = pathlib.Path(__file__).resolve().parents[1]
     src = tmp_path / "src"
-    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info",
-                                                             "__pycache__", ".pytest_cache", ".ruff_cache"))
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv", ".venv-cuda", ".git", "build", "dist",
+                                                             "*.egg-info", "__pycache__", ".pytest_cache",
+                                                             ".ruff_cache", "ptv2_fast_bench"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path), str(src)], check=True)
     (wheel,) = tmp_path.glob("ptv2_fast-*.whl")
@@ -57,6 +58,10 @@ def test_built_wheel_ships_kernels_inside_ptv2_fast(tmp_path):
     assert "ptv2_fast/kernels/prefix_attention_fwd.py" in names
     assert "ptv2_fast/kernels/__init__.py" in names
     assert "ptv2_fast/benchmarks/op_bench.py" in names
+    # the extension's sources, so an installed wheel can JIT-build it
+    for f in ("registration.cpp", "prefix_attention_api.cpp", "cpu/prefix_attention_cpu.cpp",
+              "cuda/prefix_decode_cuda.cu", "prefix_decode_params.h"):
+        assert f"ptv2_fast/csrc/{f}" in names, f
     assert not any(n.startswith(("kernels/", "benchmarks/", "tests/")) for n in names), "top-level package in wheel"
 
 
