@@ -29,6 +29,7 @@ void prefix_attention_fwd_cpu_half(const PrefixAttentionFwdParams& p);
 void prefix_attention_bwd_cpu_float(const PrefixAttentionBwdParams& p);
 void prefix_attention_bwd_cpu_bf16(const PrefixAttentionBwdParams& p);
 void prefix_attention_bwd_cpu_half(const PrefixAttentionBwdParams& p);
+void dropout_keep_mask_cpu(const PrefixAttentionFwdParams& p, bool* keep);
 void prefix_decode_cpu_float(const PrefixDecodeParams& p);
 void prefix_decode_cpu_bf16(const PrefixDecodeParams& p);
 void prefix_decode_cpu_half(const PrefixDecodeParams& p);
@@ -162,13 +163,21 @@ void check_scale(const char* op, double scale) {
   TORCH_CHECK(scale > 0.0 && std::isfinite(scale), op, ": scale must be positive and finite, got ", scale);
 }
 
+void set_dropout(const char* op, PrefixAttentionFwdParams& p, double dropout_p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
+  p.offset = static_cast<uint64_t>(offset);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_index,
     const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& kv_lens,
-    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale) {
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, double dropout_p, int64_t seed,
+    int64_t offset) {
   const char* op = "ptv2_fast.prefix_attention_fwd";
   check_scale(op, scale);
   const AttnInputs in = check_attention(op, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
@@ -177,6 +186,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   PrefixAttentionFwdParams p{};
   fill_common(p, q, k, v, prefix_k, prefix_v, in, causal, scale);
+  set_dropout(op, p, dropout_p, seed, offset);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   switch (q.scalar_type()) {
@@ -192,7 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
     const std::optional<at::Tensor>& prefix_index, const std::optional<at::Tensor>& prefix_lens,
     const std::optional<at::Tensor>& kv_lens, const std::optional<at::Tensor>& key_padding_mask,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) {
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, double dropout_p, int64_t seed,
+    int64_t offset) {
   const char* op = "ptv2_fast.prefix_attention_bwd";
   check_scale(op, scale);
   const AttnInputs in = check_attention(op, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
@@ -219,6 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   at::Tensor dpv = at::zeros(prefix_v.sizes(), opts);
   PrefixAttentionBwdParams p{};
   fill_common(p, q, k, v, prefix_k, prefix_v, in, causal, scale);
+  set_dropout(op, p, dropout_p, seed, offset);
   p.out = const_cast<void*>(out.const_data_ptr());
   copy_strides(p.out_s, out);
   p.lse = const_cast<float*>(lse_f.const_data_ptr<float>());
@@ -376,6 +388,22 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_attention(
 #else
   TORCH_CHECK(false, op, ": this build of the extension has no CUDA kernels (torch without CUDA, or no nvcc)");
 #endif
+}
+
+at::Tensor dropout_keep_mask_cpu(int64_t B, int64_t Hq, int64_t L, int64_t S, int64_t P, double dropout_p,
+                                 int64_t seed, int64_t offset) {
+  const char* op = "ptv2_fast.dropout_keep_mask";
+  TORCH_CHECK(B >= 0 && Hq >= 0 && L >= 0 && S >= 0 && P >= 0, op, ": sizes must be non-negative");
+  PrefixAttentionFwdParams p{};
+  p.B = B;
+  p.Hq = Hq;
+  p.L = L;
+  p.S = S;
+  p.P = P;
+  set_dropout(op, p, dropout_p, seed, offset);
+  at::Tensor keep = at::empty({B, Hq, L, P + S}, at::TensorOptions().dtype(at::kBool));
+  cpu::dropout_keep_mask_cpu(p, keep.data_ptr<bool>());
+  return keep;
 }
 
 std::string build_info() {

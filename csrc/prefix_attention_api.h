@@ -14,14 +14,20 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_index,
     const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& kv_lens,
-    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale);
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, double dropout_p, int64_t seed,
+    int64_t offset);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_bwd_cpu(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
     const std::optional<at::Tensor>& prefix_index, const std::optional<at::Tensor>& prefix_lens,
     const std::optional<at::Tensor>& kv_lens, const std::optional<at::Tensor>& key_padding_mask,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale);
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, double dropout_p, int64_t seed,
+    int64_t offset);
+
+// The CPU kernels' dropout keep mask, bool [B, Hq, L, P + S] (True = kept): a view for tests.
+at::Tensor dropout_keep_mask_cpu(int64_t B, int64_t Hq, int64_t L, int64_t S, int64_t P, double dropout_p,
+                                 int64_t seed, int64_t offset);
 
 // Same schema on both devices; CUDA needs head dim 64 or 128.
 std::tuple<at::Tensor, at::Tensor> prefix_decode_attention(

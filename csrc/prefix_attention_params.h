@@ -20,6 +20,8 @@ struct PrefixAttentionFwdParams {
   const bool* kpm; int64_t kpm_s[2]; // [B, S] key padding mask, true = attend, or nullptr
   bool causal;                       // bottom-right over the sequence part: key j visible to query i iff j <= i + S - L
   float scale;
+  float dropout_p;                   // attention dropout in [0, 1); 0 = none
+  uint64_t seed, offset;             // its counter-based stream (see DropoutStream in the CPU kernel)
   void* out;                         // [B, Hq, L, D] contiguous, dtype of q
   float* lse;                        // [B, Hq, L] contiguous, natural log, -inf for a row that sees no key
 };

@@ -8,14 +8,16 @@
 TORCH_LIBRARY(ptv2_fast, m) {
   m.def("prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
         "Tensor? prefix_index, Tensor? prefix_lens, Tensor? kv_lens, Tensor? key_padding_mask, bool causal, "
-        "float scale) -> (Tensor out, Tensor lse)");
+        "float scale, float dropout_p=0., int seed=0, int offset=0) -> (Tensor out, Tensor lse)");
   m.def("prefix_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
         "Tensor prefix_v, Tensor? prefix_index, Tensor? prefix_lens, Tensor? kv_lens, Tensor? key_padding_mask, "
-        "Tensor out, Tensor lse, bool causal, float scale) "
+        "Tensor out, Tensor lse, bool causal, float scale, float dropout_p=0., int seed=0, int offset=0) "
         "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dprefix_k, Tensor dprefix_v)");
   m.def("prefix_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
         "Tensor prefix_k, Tensor prefix_v, Tensor? prefix_index, Tensor? prefix_lens, Tensor? page_table, "
         "bool causal, float scale, int num_splits) -> (Tensor out, Tensor lse)");
+  m.def("dropout_keep_mask(int B, int Hq, int L, int S, int P, float dropout_p, int seed, int offset) -> Tensor",
+        &ptv2_fast::dropout_keep_mask_cpu);
   m.def("build_info() -> str", &ptv2_fast::build_info);
 }
 

@@ -40,8 +40,9 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_l
             generator (``torch.manual_seed`` makes it reproducible) and replayed exactly in backward.
         return_lse: also return lse [B, Hq, L] float32 (natural log; -inf for a row that sees no key).
         backend: "auto" (Triton on CUDA tensors; on CPU tensors the fused C++ extension, built on first
-            use, or the reference for float64, dropout, or when the extension cannot be built), "triton",
-            "cpp" (CPU, no dropout) or "reference". "cuda" is refused: CUDA's native kernel is the decode op.
+            use, or the reference for float64 or when the extension cannot be built), "triton", "cpp" (CPU)
+            or "reference". "cuda" is refused: CUDA's native kernel is the decode op. Each backend draws its
+            own dropout stream (reproducible per seed, replayed in its backward).
 
     Returns:
         out [B, Hq, L, D] in q's dtype, or (out, lse) with ``return_lse``. A query that sees no key at

@@ -2,15 +2,18 @@
 reference, with the same cases and error rule as the Triton kernels (DESIGN.md §5), and their integration:
 backend selection, torch.library checks, torch.compile, determinism and bad inputs."""
 
+import math
+
 import pytest
 import torch
 from test_prefix_attention import BASE_CASES, LARGE_CASES
 
 import ptv2_fast
 from ptv2_fast import _ext
+from ptv2_fast.attention import draw_rng_key
 from ptv2_fast.ops.backends import BackendUnavailable
 
-from _util import Case, check_case, make_problem, run_op
+from _util import Case, assert_rule, check_case, make_problem, run_op, run_ref
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -34,9 +37,9 @@ def test_large_shapes_match_fp64_reference(case, poisoned_outputs):
 def test_auto_picks_the_extension_on_cpu():
     assert ptv2_fast.resolve_backend("auto", "cpu") == "cpp"
     assert ptv2_fast.resolve_backend("auto", "cpu", torch.bfloat16) == "cpp"
-    # float64 and dropout are not in the extension: the reference runs them
+    assert ptv2_fast.resolve_backend("auto", "cpu", torch.float32, dropout_p=0.1) == "cpp"
+    # float64 is not in the extension: the reference runs it
     assert ptv2_fast.resolve_backend("auto", "cpu", torch.float64) == "reference"
-    assert ptv2_fast.resolve_backend("auto", "cpu", torch.float32, dropout_p=0.1) == "reference"
 
 
 def test_auto_calls_the_extension(monkeypatch):
@@ -56,13 +59,52 @@ def test_auto_calls_the_extension(monkeypatch):
     assert calls == ["prefix_attention_fwd", "prefix_attention_bwd"]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"dropout_p": 0.1}, "no attention dropout"),
+P_DROP = 0.3
+
+
+def _cpp_mask(case: Case, torch_seed: int):
+    """The keep mask [B, Hq, L, P + S] the C++ kernels use right after torch.manual_seed(torch_seed)."""
+    torch.manual_seed(torch_seed)
+    seed, offset = draw_rng_key().tolist()
+    return torch.ops.ptv2_fast.dropout_keep_mask(case.B, case.Hq, case.L, case.S, case.P, P_DROP, seed, offset)
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(Case(P=7, T=3, Hkv=2, causal=True, mask="kv_lens", plens=True), id="gqa-causal-kvlens"),
+    pytest.param(Case(P=64, T=1, L=1, S=33, D=64, mask="kpm", layout="blhd"), id="decode-kpm-blhd"),
+    pytest.param(Case(B=3, Hq=4, Hkv=2, L=70, S=150, P=20, T=2, D=32, causal=True, mask="kpm", dtype=BF16),
+                 id="several-tiles-bf16"),
 ])
-def test_explicit_cpp_backend_refusals(kwargs, match):
-    tensors, idx, kw, _, _ = make_problem(Case(), "cpu")
-    with pytest.raises(BackendUnavailable, match=match):
-        ptv2_fast.prefix_attention(*tensors, idx, backend="cpp", **kw, **kwargs)
+def test_dropout_equals_reference_with_the_same_mask(case, poisoned_outputs):
+    # The forward's mask, replayed by both backward phases, is the one the mask view reports.
+    tensors, idx, kw, dout, dlse = make_problem(case, "cpu")
+    keep = _cpp_mask(case, 5)
+    torch.manual_seed(5)
+    out, lse, grads = run_op(tensors, idx, kw, dout, dlse, backend="cpp", dropout_p=P_DROP)
+    extra = {"dropout_mask": keep, "dropout_p": P_DROP}
+    t_out, t_lse, t_grads = run_ref(tensors, idx, kw, dout, dlse, torch.float64, **extra)
+    n_out, n_lse, n_grads = run_ref(tensors, idx, kw, dout, dlse, case.dtype, **extra)
+    assert_rule("out", out, t_out, n_out, case.dtype)
+    assert_rule("lse", lse, t_lse, n_lse, case.dtype)
+    for name, g, tg, ng in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, t_grads, n_grads):
+        assert_rule(name, g, tg, ng, case.dtype)
+
+
+def test_dropout_is_reproducible_with_the_right_keep_rate():
+    case = Case(P=7, T=3, Hkv=2, mask="kv_lens")
+    tensors, idx, kw, _, _ = make_problem(case, "cpu")
+    outs = []
+    for s in (11, 11, 12):
+        torch.manual_seed(s)
+        outs.append(ptv2_fast.prefix_attention(*tensors, idx, dropout_p=P_DROP, backend="cpp", **kw))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    keep = _cpp_mask(Case(B=2, Hq=4, L=64, S=80, P=16), 3)
+    sigma = math.sqrt(P_DROP * (1 - P_DROP) / keep.numel())
+    assert abs(keep.double().mean().item() - (1 - P_DROP)) < 5 * sigma
+    flat = keep.flatten(0, 1)  # every (row, head) has its own stream
+    assert all(not torch.equal(flat[0], flat[i]) for i in range(1, flat.shape[0]))
+    for part in (keep[..., :16], keep[..., 16:]):  # prefix and sequence columns alike
+        assert abs(part.double().mean().item() - (1 - P_DROP)) < 5 * math.sqrt(P_DROP * (1 - P_DROP) / part.numel())
 
 
 def test_cpp_refuses_float64():
@@ -102,11 +144,11 @@ def _op_args():
 
 def test_opcheck_forward_and_backward():
     (q, k, v, pk, pv), idx, kw = _op_args()
-    fwd_args = (q, k, v, pk, pv, idx, None, kw["kv_lens"], None, True, 0.2)
+    fwd_args = (q, k, v, pk, pv, idx, None, kw["kv_lens"], None, True, 0.2, 0.25, 7, 3)
     torch.library.opcheck(torch.ops.ptv2_fast.prefix_attention_fwd.default, fwd_args)
     out, lse = torch.ops.ptv2_fast.prefix_attention_fwd(*fwd_args)
     bwd_args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, pk, pv, idx, None, kw["kv_lens"], None, out,
-                lse, True, 0.2)
+                lse, True, 0.2, 0.25, 7, 3)
     torch.library.opcheck(torch.ops.ptv2_fast.prefix_attention_bwd.default, bwd_args)
 
 
@@ -131,7 +173,7 @@ def test_torch_compile_fullgraph_matches_eager():
 def _bad(name):
     (q, k, v, pk, pv), idx, kw = _op_args()
     a = {"q": q, "k": k, "v": v, "pk": pk, "pv": pv, "idx": idx, "plens": None, "kvl": kw["kv_lens"], "kpm": None,
-         "causal": True, "scale": 0.2}
+         "causal": True, "scale": 0.2, "dropout_p": 0.0}
     B, S, T, P = q.shape[0], k.shape[2], pk.shape[0], pk.shape[2]
     if name == "q-3d":
         a["q"] = q[0]
@@ -163,6 +205,8 @@ def _bad(name):
         a["pk"] = a["pv"] = torch.randn(T, 2, P, q.shape[3])
     elif name == "scale":
         a["scale"] = -1.0
+    elif name == "dropout":
+        a["dropout_p"] = 1.0
     return a
 
 
@@ -172,13 +216,13 @@ def _bad(name):
     ("index-dtype", "prefix_index must be int32 or int64"), ("index-missing", "prefix_index is None"),
     ("kv-lens-range", "kv_lens has value"), ("prefix-lens-range", "prefix_lens has value"),
     ("both-masks", "not both"), ("kpm-dtype", "key_padding_mask must be bool"), ("bank-heads", "prefix_k must be"),
-    ("scale", "scale must be positive"),
+    ("scale", "scale must be positive"), ("dropout", "dropout_p must be in"),
 ])
 def test_bad_inputs_raise_clear_errors(name, match):
     a = _bad(name)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.ptv2_fast.prefix_attention_fwd(a["q"], a["k"], a["v"], a["pk"], a["pv"], a["idx"], a["plens"],
-                                                 a["kvl"], a["kpm"], a["causal"], a["scale"])
+                                                 a["kvl"], a["kpm"], a["causal"], a["scale"], a["dropout_p"], 0, 0)
 
 
 def test_backward_bad_inputs():

@@ -9,7 +9,8 @@
 //   phase 2, one task per (t, hk, prefix key tile): the prefix dk/dv summed over the rows of task t,
 //   so the bank gradient is reduced per task with no per-row buffer and in a fixed order (deterministic
 //   for any thread count). Tasks run in parallel through at::parallel_for (OpenMP).
-// All arithmetic is fp32; fp16/bf16 inputs are widened when a tile is loaded.
+// All arithmetic is fp32; fp16/bf16 inputs are widened when a tile is loaded. Attention dropout comes from a
+// counter-based hash (DropoutStream), replayed in backward.
 
 #include "../prefix_attention_params.h"
 
@@ -252,6 +253,48 @@ struct TileMask {
   bool all_hidden(int64_t i0, int64_t M) const {
     return !prefix && causal && j0 > i0 + M - 1 + shift;
   }
+  // The keys of the tile that rows [i0, i0 + M) can see at all: [0, used) (a causal tile on the diagonal
+  // is cut at the last row's limit, so its hidden corner is never computed).
+  int64_t used(int64_t i0, int64_t M) const {
+    return (prefix || !causal) ? nk : clamp64(i0 + M - 1 + shift - j0 + 1, 0, nk);
+  }
+};
+
+// Attention dropout: keep(b, h, i, col) is a pure function of (seed, offset, b * Hq + h, i, col), col being
+// the column of the concatenated key axis (prefix columns 0..P-1, sequence columns P..P+S-1), so backward
+// replays forward's mask without storing it. A keep has weight 1 / (1 - p). The hash is a 32-bit
+// multiply-xorshift mixer (vectorisable); keep iff hash >= p * 2^32.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+struct DropoutStream {
+  bool active = false;
+  float inv_keep = 1.0f;
+  uint32_t threshold = 0, base = 0;
+  int64_t L = 0;
+
+  DropoutStream(const PrefixAttentionFwdParams& p) : L(p.L) {
+    active = p.dropout_p > 0.0f;
+    if (!active) return;
+    inv_keep = 1.0f / (1.0f - p.dropout_p);
+    threshold = static_cast<uint32_t>(std::min(static_cast<double>(p.dropout_p) * 4294967296.0, 4294967295.0));
+    base = mix32(static_cast<uint32_t>(p.seed) ^ mix32(static_cast<uint32_t>(p.seed >> 32) ^
+                 mix32(static_cast<uint32_t>(p.offset) ^ mix32(static_cast<uint32_t>(p.offset >> 32)))));
+  }
+  uint32_t row_key(int64_t bh, int64_t i) const { return mix32(base ^ mix32(static_cast<uint32_t>(bh * L + i))); }
+  // w[j] = weight of column col0 + j (1 / (1 - p) kept, 0 dropped), j < n
+  void weights(float* __restrict w, uint32_t key, int64_t col0, int64_t n) const {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t h = mix32(key + static_cast<uint32_t>(col0 + j) * 0x9E3779B9U);
+      w[j] = h >= threshold ? inv_keep : 0.0f;
+    }
+  }
 };
 
 struct RowInfo {
@@ -299,8 +342,10 @@ template <typename T>
 void forward_impl(const PrefixAttentionFwdParams& p) {
   const int64_t D = p.D, Dp = padded(D), G = p.Hq / p.Hkv, n_qc = (p.L + QC - 1) / QC;
   const float qk_scale = p.scale * LOG2E;  // scores in base 2
+  const DropoutStream drop(p);
   at::parallel_for(0, p.B * p.Hq * n_qc, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(QC * Dp), s(BQ * BK), acc(QC * Dp), m(QC), l(QC);
+    float w[BK];
     KeyTile tile(Dp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qc = task % n_qc, h = (task / n_qc) % p.Hq, b = task / (n_qc * p.Hq);
@@ -315,12 +360,12 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
       auto run_tile = [&](bool prefix, int64_t j0, int64_t nk) {
         TileMask mask{prefix, j0, nk, p.kpm ? p.kpm + b * p.kpm_s[0] : nullptr, p.kpm_s[1], p.causal, p.S - p.L};
         if (mask.all_hidden(c0, MC)) return;
-        const int64_t nw = width16(nk);
         load_key_tile<T>(tile, p, prefix, prefix ? ri.task : b, hk, j0, nk, false);
         for (int64_t t0 = 0; t0 < MC; t0 += BQ) {
           const int64_t i0 = c0 + t0, M = std::min(BQ, MC - t0);
           if (mask.all_hidden(i0, M)) continue;
           float* acc_t = acc.data() + t0 * Dp;
+          const int64_t nu = mask.used(i0, M), nw = width16(nu);
           gemm_a_bt(s.data(), q.data() + t0 * Dp, tile.kt.data(), M, Dp, qk_scale, nw);
           mask.apply(s.data(), i0, M, nw);
           for (int64_t r = 0; r < M; ++r) {
@@ -333,7 +378,11 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
             }
             for (int64_t j = 0; j < nw; ++j) sr[j] -= m_new;
             exp2_inplace(sr, nw);
-            const float sum = sum16(sr, nw);
+            const float sum = sum16(sr, nw);  // the normaliser counts every key, dropped or not
+            if (drop.active) {
+              drop.weights(w, drop.row_key(b * p.Hq + h, i0 + r), prefix ? j0 : p.P + j0, nw);
+              for (int64_t j = 0; j < nw; ++j) sr[j] *= w[j];
+            }
             float alpha = m_old - m_new;
             exp2_inplace(&alpha, 1);
             l[t0 + r] = l[t0 + r] * alpha + sum;
@@ -343,7 +392,7 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
               for (int64_t d = 0; d < Dp; ++d) ar[d] *= alpha;
             }
           }
-          gemm_p_x(acc_t, s.data(), tile.v.data(), M, nk, Dp);
+          gemm_p_x(acc_t, s.data(), tile.v.data(), M, nu, Dp);
         }
       };
       for (int64_t j0 = 0; j0 < ri.plen; j0 += BK) run_tile(true, j0, std::min(BK, ri.plen - j0));
@@ -369,11 +418,15 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
 // (nw = the tile's key count rounded up to 16; pitch BK).
 struct BwdTileMath {
   std::vector<float> pr, ds;
+  float w[BK];
   BwdTileMath() : pr(BQ * BK), ds(BQ * BK) {}
 
+  // With dropout, pr leaves as the dropped probabilities (weights applied: dV's operand) and
+  // ds = p * (dropped(dout . v) - delta). bh = b * Hq + h; col0 = the tile's first column of [prefix ; seq].
   void run(const float* q, const float* dout, const float* lse2, const float* delta, const KeyTile& kt,
-           const TileMask& mask, int64_t i0, int64_t M, int64_t D, float qk_scale) {
-    const int64_t nw = width16(mask.nk);
+           const TileMask& mask, int64_t i0, int64_t M, int64_t D, float qk_scale, const DropoutStream& drop,
+           int64_t bh, int64_t col0) {
+    const int64_t nw = width16(mask.used(i0, M));
     gemm_a_bt(pr.data(), q, kt.kt.data(), M, D, qk_scale, nw);  // D: the padded width
     mask.apply(pr.data(), i0, M, nw);
     for (int64_t r = 0; r < M; ++r) {
@@ -388,8 +441,16 @@ struct BwdTileMath {
     gemm_a_bt(ds.data(), dout, kt.vt.data(), M, D, 1.0f, nw);
     for (int64_t r = 0; r < M; ++r) {
       float* dr = ds.data() + r * BK;
-      const float* pr_r = pr.data() + r * BK;
-      for (int64_t j = 0; j < nw; ++j) dr[j] = pr_r[j] * (dr[j] - delta[r]);
+      float* pr_r = pr.data() + r * BK;
+      if (drop.active) {
+        drop.weights(w, drop.row_key(bh, i0 + r), col0, nw);
+        for (int64_t j = 0; j < nw; ++j) {
+          dr[j] = pr_r[j] * (dr[j] * w[j] - delta[r]);
+          pr_r[j] *= w[j];
+        }
+      } else {
+        for (int64_t j = 0; j < nw; ++j) dr[j] = pr_r[j] * (dr[j] - delta[r]);
+      }
     }
   }
 };
@@ -398,6 +459,7 @@ template <typename T>
 void backward_impl(const PrefixAttentionBwdParams& p) {
   const int64_t D = p.D, Dp = padded(D), G = p.Hq / p.Hkv, L = p.L;
   const float qk_scale = p.scale * LOG2E;
+  const DropoutStream drop(p);
   // delta and lse (base 2) of every query row, filled by phase 1 and read by phase 2.
   std::vector<float> delta_all(p.B * p.Hq * L), lse2_all(p.B * p.Hq * L);
 
@@ -444,11 +506,12 @@ void backward_impl(const PrefixAttentionBwdParams& p) {
             const float* qg = q.data() + (g * L + i0) * Dp;
             const float* dog = dout.data() + (g * L + i0) * Dp;
             math.run(qg, dog, lse2_all.data() + row0 + i0, delta_all.data() + row0 + i0, tile, mask, i0, M, Dp,
-                     qk_scale);
-            gemm_p_x(dq.data() + (g * L + i0) * Dp, math.ds.data(), tile.k.data(), M, nk, Dp);
+                     qk_scale, drop, b * p.Hq + hk * G + g, prefix ? j0 : p.P + j0);
+            const int64_t nu = mask.used(i0, M);
+            gemm_p_x(dq.data() + (g * L + i0) * Dp, math.ds.data(), tile.k.data(), M, nu, Dp);
             if (!prefix) {
-              gemm_pt_x(dv.data(), math.pr.data(), dog, M, nk, Dp);
-              gemm_pt_x(dk.data(), math.ds.data(), qg, M, nk, Dp);
+              gemm_pt_x(dv.data(), math.pr.data(), dog, M, nu, Dp);
+              gemm_pt_x(dk.data(), math.ds.data(), qg, M, nu, Dp);
             }
           }
         }
@@ -497,7 +560,7 @@ void backward_impl(const PrefixAttentionBwdParams& p) {
                       static_cast<const T*>(p.dout) + b * p.dout_s[0] + h * p.dout_s[1] + i0 * p.dout_s[2], M,
                       p.dout_s[2], p.dout_s[3], D);
             math.run(q.data(), dout.data(), lse2_all.data() + row0 + i0, delta_all.data() + row0 + i0, tile, mask,
-                     i0, M, Dp, qk_scale);
+                     i0, M, Dp, qk_scale, drop, b * p.Hq + h, j0);
             gemm_pt_x(dv.data(), math.pr.data(), dout.data(), M, nk, Dp);
             gemm_pt_x(dk.data(), math.ds.data(), q.data(), M, nk, Dp);
           }
@@ -512,6 +575,17 @@ void backward_impl(const PrefixAttentionBwdParams& p) {
 }
 
 }  // namespace
+
+void dropout_keep_mask_cpu(const PrefixAttentionFwdParams& p, bool* keep) {
+  const DropoutStream drop(p);
+  const int64_t N = p.P + p.S;
+  std::vector<float> w(N);
+  for (int64_t bh = 0; bh < p.B * p.Hq; ++bh)
+    for (int64_t i = 0; i < p.L; ++i) {
+      drop.weights(w.data(), drop.row_key(bh, i), 0, N);
+      for (int64_t j = 0; j < N; ++j) keep[(bh * p.L + i) * N + j] = w[j] != 0.0f;
+    }
+}
 
 void prefix_attention_fwd_cpu_float(const PrefixAttentionFwdParams& p) { forward_impl<float>(p); }
 void prefix_attention_fwd_cpu_bf16(const PrefixAttentionFwdParams& p) { forward_impl<c10::BFloat16>(p); }

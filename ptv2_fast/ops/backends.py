@@ -47,12 +47,12 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None
     """The concrete backend name for a request, or a clear error when it cannot run on ``device``.
 
     ``auto``: Triton on CUDA tensors; on CPU tensors the C++ extension (built on first use) for float32,
-    float16 and bfloat16 without dropout, else the concatenating reference."""
+    float16 and bfloat16, else the concatenating reference."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type != "cuda":
-            if device.type == "cpu" and (dtype is None or dtype in EXT_DTYPES) and dropout_p == 0.0:
+            if device.type == "cpu" and (dtype is None or dtype in EXT_DTYPES):
                 from .. import _ext
 
                 if _ext.load():
@@ -84,9 +84,6 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None
         if dtype is not None and dtype not in EXT_DTYPES:
             raise BackendUnavailable(f"backend='cpp' supports float32, float16 and bfloat16, got {dtype} "
                                      "(use backend='reference')")
-        if dropout_p > 0.0:
-            raise BackendUnavailable("backend='cpp' has no attention dropout; backend='auto' runs dropout on the "
-                                     "reference backend on CPU tensors")
         _extension_ops()
         return "cpp"
     return "reference"
@@ -205,16 +202,15 @@ def triton_bwd(*args):
 
 def cpp_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
             dropout_p, seed, rng_offset):
-    if dropout_p > 0.0:  # resolve() never picks cpp with dropout; a direct call must not drop it silently
-        raise BackendUnavailable("backend='cpp' has no attention dropout")
     return _extension_ops().prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
-                                                 key_padding_mask, causal, scale)
+                                                 key_padding_mask, causal, scale, dropout_p, seed, rng_offset)
 
 
 def cpp_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, out, lse,
             causal, scale, dropout_p, seed, rng_offset):
     return _extension_ops().prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens,
-                                                 kv_lens, key_padding_mask, out, lse, causal, scale)
+                                                 kv_lens, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
+                                                 rng_offset)
 
 
 FWD = {"reference": ref_fwd, "triton": triton_fwd, "cpp": cpp_fwd}
