@@ -187,27 +187,42 @@ def _step(fn, leaves, dout, mode):
     return out
 
 
-def time_ms(fn, leaves, dout, mode, device, warmup: int, reps: int) -> float:
-    """Median wall time of ``mode`` in ms; "bwd" times the backward alone (its forward runs untimed)."""
-    def once():
-        if mode != "bwd":
-            t0 = time.perf_counter()
-            _step(fn, leaves, dout, mode)
-            _sync(device)
-            return time.perf_counter() - t0
-        out = fn()
-        _sync(device)
+def _once(fn, leaves, dout, mode, device) -> float:
+    """Seconds of one run of ``mode``; "bwd" times the backward alone (its forward runs untimed)."""
+    if mode != "bwd":
         t0 = time.perf_counter()
-        torch.autograd.backward(out, dout, inputs=list(leaves))
+        _step(fn, leaves, dout, mode)
         _sync(device)
-        dt = time.perf_counter() - t0
-        for x in leaves:
-            x.grad = None
-        return dt
+        return time.perf_counter() - t0
+    out = fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    torch.autograd.backward(out, dout, inputs=list(leaves))
+    _sync(device)
+    dt = time.perf_counter() - t0
+    for x in leaves:
+        x.grad = None
+    return dt
 
+
+def time_ms(fn, leaves, dout, mode, device, warmup: int, reps: int) -> float:
+    """Median wall time of ``mode`` in ms."""
     for _ in range(warmup):
-        once()
-    return statistics.median(once() * 1e3 for _ in range(reps))
+        _once(fn, leaves, dout, mode, device)
+    return statistics.median(_once(fn, leaves, dout, mode, device) * 1e3 for _ in range(reps))
+
+
+def interleaved_ms(entries: dict, dout, mode, device, warmup: int, reps: int) -> dict:
+    """Median ms of each provider {name: (fn, leaves, ...)}, their repeats interleaved round-robin, so that a
+    slow spell of a shared machine falls on every provider alike rather than on whichever ran then."""
+    for _ in range(warmup):
+        for fn, leaves, *_ in entries.values():
+            _once(fn, leaves, dout, mode, device)
+    samples = {name: [] for name in entries}
+    for _ in range(reps):
+        for name, (fn, leaves, *_) in entries.items():
+            samples[name].append(_once(fn, leaves, dout, mode, device))
+    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 
 @contextlib.contextmanager
@@ -307,8 +322,9 @@ def run(shape: Shape, dtype: str = "fp32", device: str = "cpu", modes=MODES, war
         progress=True, bar=None) -> dict:
     """Benchmark every provider on ``shape``; returns the JSON-ready result.
 
-    Providers without a backward (cascade, flash_attn) are timed in fwd/decode modes only. ``bar``: a tqdm
-    bar advanced once per (provider, mode).
+    Providers without a backward (cascade, flash_attn) are timed in fwd/decode modes only. Within a mode the
+    providers' repeats are interleaved (``interleaved_ms``), so the ratios of one run compare like with like.
+    ``bar``: a tqdm bar advanced once per (provider, mode).
     """
     torch.manual_seed(0)
     tensors, idx, kw, dout = make_inputs(shape, DTYPES[dtype], device)
@@ -316,25 +332,29 @@ def run(shape: Shape, dtype: str = "fp32", device: str = "cpu", modes=MODES, war
     provs = providers(shape, tensors, idx, kw, device)
     rows = []
     itemsize = tensors[0].element_size()
-    for name, (fn, leaves, has_bwd) in provs.items():
+    errs = {}
+    for name, (fn, leaves, _) in provs.items():
         for x in leaves:
             x.requires_grad_(True)
         with torch.no_grad():
             got = fn()
         if got.shape != truth.shape:
             raise RuntimeError(f"{name} returned shape {list(got.shape)}, expected {list(truth.shape)}")
-        err = (got.double() - truth).abs().max().item()
-        for mode in modes:
+        errs[name] = (got.double() - truth).abs().max().item()
+    for mode in modes:
+        if progress and bar is None:
+            print(f"  {mode:<8}", end="\r", file=sys.stderr, flush=True)
+        timed = {n: e for n, e in provs.items() if mode not in ("bwd", "fwd+bwd") or e[2]}
+        ms_of = interleaved_ms(timed, dout, mode, device, warmup, reps)
+        for name, (fn, leaves, _) in provs.items():
             if bar is not None:
                 bar.set_postfix_str(f"{name} {mode}")
                 bar.update(1)
-            elif progress:
-                print(f"  {name:<22} {mode:<8}", end="\r", file=sys.stderr, flush=True)
-            if mode in ("bwd", "fwd+bwd") and not has_bwd:
+            if name not in timed:
                 continue
-            ms = time_ms(fn, leaves, dout, mode, device, warmup, reps)
+            ms = ms_of[name]
             row = {"provider": name, "mode": mode, "ms": ms, "tflops": shape.flops(mode) / ms / 1e9,
-                   "peak_mem_mb": peak_mem_mb(fn, leaves, dout, mode, device), "max_err": err}
+                   "peak_mem_mb": peak_mem_mb(fn, leaves, dout, mode, device), "max_err": errs[name]}
             if mode == "decode":
                 row["cache_mb"] = shape.cache_bytes(name, itemsize) / 2**20
             rows.append(row)
