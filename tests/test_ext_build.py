@@ -121,3 +121,27 @@ def test_build_info_and_fakes_are_registered():
         pk = torch.empty(1, 2, 3, 32)
         out, lse = torch.ops.ptv2_fast.prefix_attention_fwd(q, k, k, pk, pk, None, None, None, None, False, 0.1)
         assert out.shape == q.shape and lse.shape == (2, 4, 5) and lse.dtype == torch.float32
+
+
+def test_ahead_of_time_build_is_used_without_a_jit_build(tmp_path):
+    # PTV2_FAST_BUILD_EXT=1 pip install . compiles the library into the package, tagged with its torch; an
+    # import then loads it and never compiles (the JIT cache stays empty).
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".venv-cuda", ".git", "build", "dist",
+                                                             "*.egg-info", "__pycache__", ".pytest_cache",
+                                                             ".ruff_cache", "ptv2_fast_bench"))
+    target = tmp_path / "site"
+    env = {**os.environ, "PTV2_FAST_BUILD_EXT": "1", "PTV2_FAST_EXT_CUDA": "0", "MAX_JOBS": "2"}
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), str(src)], env=env, check=True, timeout=900)
+    assert list((target / "ptv2_fast").glob("ptv2_fast_ext*.so"))
+    cache = tmp_path / "jit-cache"
+    code = ("import ptv2_fast, torch; from ptv2_fast import _ext; assert _ext.load(), _ext.status(); "
+            "print(_ext.status()['path']); q = torch.randn(1, 2, 3, 16); "
+            "print(ptv2_fast.resolve_backend('auto', 'cpu'), ptv2_fast.prefix_attention(q, q, q, q[0], q[0]).shape)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(target), "PTV2_FAST_EXT_CACHE": str(cache)})
+    assert str(target) in res.stdout and "cpp" in res.stdout, res.stdout + res.stderr
+    assert not cache.exists()

@@ -24,6 +24,7 @@ constexpr int WARPS = 4;
 constexpr int ROWS_PER_WARP = 4;
 constexpr int ROWS_PER_BLOCK = WARPS * ROWS_PER_WARP;
 constexpr int TILE = 32;  // keys per shared-memory tile: one per lane
+static_assert(WARPS * 32 >= TILE, "the first TILE threads set up the tile's row pointers");
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
@@ -55,6 +56,11 @@ __global__ void __launch_bounds__(WARPS * 32) decode_kernel(const PrefixDecodePa
   __shared__ float q_s[ROWS_PER_BLOCK][D];
   __shared__ float k_s[TILE][D + 1];  // +1: lanes read different keys at the same column without bank conflicts
   __shared__ float v_s[TILE][D];
+  // Per key of the tile: where its K and V rows start and their column stride (bank or cache, paged or not),
+  // worked out once per key instead of once per element.
+  __shared__ const T* krow_s[TILE];
+  __shared__ const T* vrow_s[TILE];
+  __shared__ int64_t kcol_s[TILE], vcol_s[TILE];
 
   const int split = blockIdx.x;
   const int64_t hk = blockIdx.y / n_row_chunks, rc = blockIdx.y % n_row_chunks, b = blockIdx.z;
@@ -92,37 +98,56 @@ __global__ void __launch_bounds__(WARPS * 32) decode_kernel(const PrefixDecodePa
 
   for (int64_t tile0 = x0; tile0 < x1; tile0 += TILE) {
     __syncthreads();  // the previous tile is consumed (and q_s is written, the first time)
-    for (int idx = threadIdx.x; idx < TILE * D; idx += WARPS * 32) {
-      const int j = idx / D, c = idx % D;
-      const int64_t x = tile0 + j;
-      float kv = 0.0f, vv = 0.0f;
+    if (threadIdx.x < TILE) {
+      const int64_t x = tile0 + threadIdx.x;
+      const T *kr = nullptr, *vr = nullptr;
+      int64_t kcs = 0, vcs = 0;
       if (x < x1) {
         if (x < plen) {
-          kv = to_float(pk[t * p.pk_s[0] + hk * p.pk_s[1] + x * p.pk_s[2] + c * p.pk_s[3]]);
-          vv = to_float(pv[t * p.pv_s[0] + hk * p.pv_s[1] + x * p.pv_s[2] + c * p.pv_s[3]]);
+          kr = pk + t * p.pk_s[0] + hk * p.pk_s[1] + x * p.pk_s[2];
+          vr = pv + t * p.pv_s[0] + hk * p.pv_s[1] + x * p.pv_s[2];
+          kcs = p.pk_s[3];
+          vcs = p.pv_s[3];
         } else {
-          kv = to_float(kc[dec_cache_offset(p, p.kc_s, b, hk, x - plen) + c * p.kc_s[3]]);
-          vv = to_float(vc[dec_cache_offset(p, p.vc_s, b, hk, x - plen) + c * p.vc_s[3]]);
+          kr = kc + dec_cache_offset(p, p.kc_s, b, hk, x - plen);
+          vr = vc + dec_cache_offset(p, p.vc_s, b, hk, x - plen);
+          kcs = p.kc_s[3];
+          vcs = p.vc_s[3];
         }
       }
-      k_s[j][c] = kv;
-      v_s[j][c] = vv;
+      krow_s[threadIdx.x] = kr;
+      vrow_s[threadIdx.x] = vr;
+      kcol_s[threadIdx.x] = kcs;
+      vcol_s[threadIdx.x] = vcs;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < TILE * D; idx += WARPS * 32) {
+      const int j = idx / D, c = idx % D;
+      const T* kr = krow_s[j];
+      const T* vr = vrow_s[j];
+      // read-only global loads (the pointers come from shared memory, so say where they point)
+      k_s[j][c] = kr != nullptr ? to_float(__ldg(kr + c * kcol_s[j])) : 0.0f;  // keys past the split: zeros
+      v_s[j][c] = vr != nullptr ? to_float(__ldg(vr + c * vcol_s[j])) : 0.0f;
     }
     __syncthreads();
 
     const int64_t x = tile0 + lane;
+    // The scores of the warp's rows against this lane's key, in one pass over its K row (q_s reads are
+    // broadcasts: every lane reads the same address). Rows past R hold zeros and are never used.
+    float dots[ROWS_PER_WARP];
+#pragma unroll
+    for (int rr = 0; rr < ROWS_PER_WARP; ++rr) dots[rr] = 0.0f;
+#pragma unroll 8
+    for (int c = 0; c < D; ++c) {
+      const float kval = k_s[lane][c];
+#pragma unroll
+      for (int rr = 0; rr < ROWS_PER_WARP; ++rr) dots[rr] += q_s[warp * ROWS_PER_WARP + rr][c] * kval;
+    }
 #pragma unroll
     for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
-      const int r = warp * ROWS_PER_WARP + rr;
-      const int64_t row = row_base + r;
+      const int64_t row = row_base + warp * ROWS_PER_WARP + rr;
       if (row >= R) break;  // uniform over the warp
-      float s = -INFINITY;
-      if (x < x1 && dec_visible(x, plen, seqlen, p.Lq, row % p.Lq, p.causal)) {
-        float dot = 0.0f;
-#pragma unroll 8
-        for (int c = 0; c < D; ++c) dot += q_s[r][c] * k_s[lane][c];
-        s = dot;
-      }
+      const float s = x < x1 && dec_visible(x, plen, seqlen, p.Lq, row % p.Lq, p.causal) ? dots[rr] : -INFINITY;
       const float m_new = fmaxf(m[rr], warp_max(s));
       if (m_new == -INFINITY) continue;  // nothing visible to this row yet (uniform over the warp)
       const float pw = exp2f(s - m_new);
