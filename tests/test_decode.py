@@ -182,3 +182,18 @@ def test_empty_batch_returns_empty_outputs():
     (q, k, v, seqlens, pk, pv, idx), kw = make_decode(c, "cpu")
     out, lse = ptv2_fast.prefix_decode_attention(q[:0], k[:0], v[:0], seqlens[:0], pk, pv, idx[:0], return_lse=True)
     assert out.shape == (0, c.Hq, c.Lq, c.D) and lse.shape == (0, c.Hq, c.Lq)
+
+
+def test_explicit_cuda_backend_on_cpu_tensors_is_refused():
+    with pytest.raises(ptv2_fast.BackendUnavailable, match="cannot run"):
+        _call(backend="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_refuses_unsupported_head_dims():
+    c = DCase(D=80)
+    args, kw = make_decode(c, "cuda")
+    with pytest.raises(ptv2_fast.BackendUnavailable, match="head dim"):
+        ptv2_fast.prefix_decode_attention(*args, **kw, backend="cuda")
+    with pytest.raises(RuntimeError, match="head dims 64 and 128"):
+        torch.ops.ptv2_fast.prefix_decode_attention(*args, None, None, True, 0.1, 0)
