@@ -1,4 +1,5 @@
-"""``ptv2-fast`` command line. ``ptv2-fast bench``: the op against the naive concatenation paths on this machine."""
+"""``ptv2-fast`` command line: ``bench`` (the op against the naive concatenation paths on this machine),
+``e2e`` and ``memory`` (Hugging Face models), ``train`` and ``predict`` (P-Tuning v2 end to end)."""
 
 from __future__ import annotations
 
@@ -165,8 +166,88 @@ def main(argv=None) -> int:
                    help="plan ptv2_fast's fused GPU kernels (default) or its CPU reference backend")
     m.add_argument("--json", help="write the plan to this file")
     m.set_defaults(func=_memory)
+
+    t = sub.add_parser("train", help="P-Tuning v2 training of one bank of task prefixes (sequence classification)")
+    t.add_argument("tasks", nargs="*", default=["sentiment", "topic", "tense"],
+                   help="synthetic tasks (sentiment, topic, tense) or json/jsonl/csv files (text, label[, split]), "
+                        "as PATH or NAME=PATH; several tasks train one bank in mixed batches (default: the three "
+                        "synthetic tasks)")
+    t.add_argument("--model", default="minilm", help="minilm (offline package), a local folder or a hub name")
+    t.add_argument("--out", default="ptv2_fast_run", help="checkpoint folder")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--lr", type=float, default=1e-2, help="prefix learning rate (P-Tuning v2: 5e-3 to 1e-2)")
+    t.add_argument("--head-lr", type=float, default=1e-3)
+    t.add_argument("--prefix-len", type=int, default=16)
+    t.add_argument("--projection", action="store_true", help="the reparameterisation MLP")
+    t.add_argument("--prefix-dropout", type=float, default=0.1)
+    t.add_argument("--max-len", type=int, default=64)
+    t.add_argument("--patience", type=int, default=2, help="epochs without a better mean dev accuracy before stopping")
+    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
+    t.add_argument("--grad-checkpointing", action="store_true")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    t.add_argument("--n-train", type=int, default=600, help="examples per synthetic task (train split)")
+    t.add_argument("--n-dev", type=int, default=200, help="examples per synthetic task (dev split)")
+    t.set_defaults(func=_train)
+
+    pr = sub.add_parser("predict", help="batched classification with a trained bank (rows of several tasks)")
+    pr.add_argument("checkpoint", help="a folder written by ptv2-fast train")
+    pr.add_argument("--task", help="the task of every line (plain-text input); jsonl input may name a task per row")
+    pr.add_argument("--input", default="-", help="a text file (one example per line), a .jsonl file with text and "
+                                                  "task fields, or - for standard input")
+    pr.add_argument("--batch", type=int, default=64)
+    pr.set_defaults(func=_predict)
     args = parser.parse_args(argv)
     return args.func(args)
+
+
+def _train(args) -> int:
+    from ptv2_fast.train import TrainConfig, format_summary, train
+
+    cfg = TrainConfig(tasks=list(args.tasks), model=args.model, out_dir=args.out, prefix_len=args.prefix_len,
+                      projection=args.projection, prefix_dropout=args.prefix_dropout, lr=args.lr,
+                      head_lr=args.head_lr, epochs=args.epochs, batch_size=args.batch, grad_accum=args.grad_accum,
+                      max_len=args.max_len, patience=args.patience, dtype=args.dtype,
+                      grad_checkpointing=args.grad_checkpointing, seed=args.seed, resume=args.resume,
+                      n_train=args.n_train, n_dev=args.n_dev)
+    try:
+        result = train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"ptv2-fast train: {e}") from e
+    print(format_summary(result))
+    print(f"checkpoint: {args.out}")
+    return 0
+
+
+def _predict(args) -> int:
+    import time
+
+    from ptv2_fast.train import Predictor
+
+    stream = sys.stdin if args.input == "-" else open(args.input)
+    with stream:
+        lines = [ln.rstrip("\n") for ln in stream if ln.strip()]
+    if args.input.endswith(".jsonl"):
+        recs = [json.loads(ln) for ln in lines]
+        texts = [r["text"] for r in recs]
+        tasks = [r.get("task", args.task) for r in recs]
+    else:
+        texts, tasks = lines, [args.task] * len(lines)
+    if any(t is None for t in tasks):
+        raise SystemExit("ptv2-fast predict: give --task, or a task field on every jsonl row")
+    try:
+        predictor = Predictor.load(args.checkpoint)
+        t0 = time.perf_counter()
+        labels = predictor.predict(texts, tasks, batch_size=args.batch)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"ptv2-fast predict: {e}") from e
+    dt = time.perf_counter() - t0
+    for label in labels:
+        print(label)
+    print(f"{len(texts)} examples in {dt:.2f} s ({len(texts) / max(dt, 1e-9):.0f} examples/s)", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

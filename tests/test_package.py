@@ -58,6 +58,7 @@ def test_built_wheel_ships_kernels_inside_ptv2_fast(tmp_path):
     assert "ptv2_fast/kernels/prefix_attention_fwd.py" in names
     assert "ptv2_fast/kernels/__init__.py" in names
     assert "ptv2_fast/benchmarks/op_bench.py" in names
+    assert "ptv2_fast/train/trainer.py" in names
     # the extension's sources, so an installed wheel can JIT-build it
     for f in ("registration.cpp", "prefix_attention_api.cpp", "cpu/prefix_attention_cpu.cpp",
               "cuda/prefix_decode_cuda.cu", "prefix_decode_params.h"):

