@@ -179,8 +179,11 @@ def _nbytes(tensors) -> int:
 
 
 def build_step(model: str, variant: str, device: str, batch: int, seq: int, prefix: int, tasks: int = 1,
-               mode: str = "train", dtype: str = "fp32"):
-    """(step function, static breakdown) of ``variant`` ("naive": PEFT; "ptv2_fast": patched) on ``device``."""
+               mode: str = "train", dtype: str = "fp32", grad_ckpt: bool = False):
+    """(step function, static breakdown) of ``variant`` ("naive": PEFT; "ptv2_fast": patched) on ``device``.
+
+    ``grad_ckpt``: activation checkpointing of every layer (non-reentrant) in ptv2_fast's training step. PEFT
+    raises "PREFIX_TUNING does not work with gradient checkpointing", so the naive path runs without."""
     from peft import PrefixTuningConfig, get_peft_model
 
     from ptv2_fast.hf import patch_model
@@ -190,6 +193,9 @@ def build_step(model: str, variant: str, device: str, batch: int, seq: int, pref
         raise ValueError(f"mode must be train or serve, got {mode!r}")
     torch.manual_seed(0)
     net = _model_on(model, device, e2e.DTYPES[dtype])
+    ckpt = grad_ckpt and mode == "train" and variant == "ptv2_fast"
+    if ckpt:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     geo = geometry(net.config)
     causal = hasattr(net, "lm_head")
     weights = _nbytes(net.parameters()) + _nbytes(net.buffers())
@@ -211,6 +217,8 @@ def build_step(model: str, variant: str, device: str, batch: int, seq: int, pref
         static["optimizer"] = 2 * trainable  # AdamW's two moments (the gradients are part of the step peak)
         wrapped.train()
         kwargs = {"input_ids": ids, "labels": ids, **extra} if causal else {"input_ids": ids, **extra}
+        if ckpt:  # without a cache, transformers inspects unmasked position ids for packing (a host sync)
+            kwargs["attention_mask"] = torch.ones_like(ids)
 
         def step():
             out = wrapped(**kwargs)
@@ -231,7 +239,7 @@ def build_step(model: str, variant: str, device: str, batch: int, seq: int, pref
 
 
 def plan(model: str, batch: int, seq: int, prefix: int, tasks: int = 1, mode: str = "train", dtype: str = "fp32",
-         new_tokens: int = 0, attention: str = "fused") -> dict:
+         new_tokens: int = 0, attention: str = "fused", grad_ckpt: bool = False) -> dict:
     """The breakdown for the naive (PEFT) path and for ptv2_fast; see the module docstring."""
     import contextlib
     from unittest import mock
@@ -241,9 +249,9 @@ def plan(model: str, batch: int, seq: int, prefix: int, tasks: int = 1, mode: st
     if attention not in ("fused", "reference"):
         raise ValueError(f"attention must be fused or reference, got {attention!r}")
     result = {"model": model, "batch": batch, "seq": seq, "prefix": prefix, "tasks": tasks, "mode": mode,
-              "dtype": dtype, "new_tokens": new_tokens, "attention": attention}
+              "dtype": dtype, "new_tokens": new_tokens, "attention": attention, "grad_ckpt": grad_ckpt}
     for variant in ("naive", "ptv2_fast"):
-        step, row = build_step(model, variant, "meta", batch, seq, prefix, tasks, mode, dtype)
+        step, row = build_step(model, variant, "meta", batch, seq, prefix, tasks, mode, dtype, grad_ckpt)
         with contextlib.ExitStack() as stack:
             # SDPA runs its fused kernels on CPUs and GPUs alike (masks included); on meta it would run its
             # math path, which keeps the probabilities: account for the fused kernels instead.
@@ -261,11 +269,11 @@ def plan(model: str, batch: int, seq: int, prefix: int, tasks: int = 1, mode: st
 
 
 def measure_step_cpu(model: str, variant: str, batch: int, seq: int, prefix: int, tasks: int = 1,
-                     mode: str = "train", dtype: str = "fp32") -> int:
+                     mode: str = "train", dtype: str = "fp32", grad_ckpt: bool = False) -> int:
     """The measured CPU peak (torch's profiler) of the step ``plan`` simulates, with random weights."""
     from .op_bench import cpu_peak_bytes
 
-    step, _ = build_step(model, variant, "cpu", batch, seq, prefix, tasks, mode, dtype)
+    step, _ = build_step(model, variant, "cpu", batch, seq, prefix, tasks, mode, dtype, grad_ckpt)
     return cpu_peak_bytes(step)
 
 
@@ -277,10 +285,13 @@ def format_plan(p: dict) -> str:
     lines = [f"ptv2-fast memory {p['model']} ({p['mode']}, {p['dtype']}): B={p['batch']} L={p['seq']} P={p['prefix']} "
              f"T={p['tasks']}" + (f" new_tokens={p['new_tokens']}" if p["mode"] == "serve" else ""),
              "planned on the meta device (nothing allocated); ptv2_fast attention: " +
-             ("fused kernels (GPU)" if p.get("attention", "fused") == "fused" else "the CPU reference backend"), "",
+             ("fused kernels" if p.get("attention", "fused") == "fused" else "the concatenating reference backend"), "",
              f"{'component':<40} {'naive (PEFT)':>14} {'ptv2_fast':>14}", "-" * 70]
     for c in comps:
         lines.append(f"{names[c]:<40} {_fmt(p['naive'][c]):>14} {_fmt(p['ptv2_fast'][c]):>14}")
+    if p.get("grad_ckpt") and p["mode"] == "train":
+        lines.append("\nptv2_fast with gradient checkpointing; the naive path without (PEFT refuses it with prefix "
+                     "tuning)")
     lines.append(f"\nptv2_fast needs {p['ratio']:.2f}x the naive path's memory")
     lines.append("(the naive path as transformers runs it with SDPA's fused kernels; with eager attention it also "
                  "keeps the [B, H, L, P+S] probabilities)")

@@ -100,9 +100,11 @@ def _memory(args) -> int:
     from ptv2_fast.benchmarks import memory_plan
 
     warnings.filterwarnings("ignore", message=".*past_key_values.*")  # PEFT's cache kwarg on transformers >= 5.2x
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*")  # renamed in transformers 5.2x
 
     plan = memory_plan.plan(args.model, args.batch, args.seq, args.prefix, tasks=args.tasks, mode=args.mode,
-                            dtype=args.dtype, new_tokens=args.new_tokens, attention=args.attention)
+                            dtype=args.dtype, new_tokens=args.new_tokens, attention=args.attention,
+                            grad_ckpt=args.grad_checkpointing)
     print(memory_plan.format_plan(plan))
     if args.json:
         memory_plan.save(plan, args.json)
@@ -163,7 +165,9 @@ def main(argv=None) -> int:
     m.add_argument("--new-tokens", type=int, default=0, help="serve: tokens generated after the prompt")
     m.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
     m.add_argument("--attention", choices=["fused", "reference"], default="fused",
-                   help="plan ptv2_fast's fused GPU kernels (default) or its CPU reference backend")
+                   help="plan ptv2_fast's fused kernels (default) or its concatenating reference backend")
+    m.add_argument("--grad-checkpointing", action="store_true",
+                   help="train: ptv2_fast with activation checkpointing (PEFT refuses it for prefix tuning)")
     m.add_argument("--json", help="write the plan to this file")
     m.set_defaults(func=_memory)
 

@@ -68,7 +68,7 @@ def shard(batch: list, st: DistState) -> list | None:
 def mean(value: torch.Tensor, st: DistState) -> float:
     """The mean of a scalar over the processes (the global batch's loss, for logging)."""
     if st.world == 1:
-        return float(value)
+        return float(value.detach())
     v = value.detach().clone().float()
     dist.all_reduce(v)
     return float(v) / st.world
