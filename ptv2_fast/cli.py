@@ -188,6 +188,7 @@ def main(argv=None) -> int:
     t.add_argument("--projection", action="store_true", help="the reparameterisation MLP")
     t.add_argument("--prefix-dropout", type=float, default=0.1)
     t.add_argument("--model-dropout", type=float, help="override every dropout of the encoder (0: none)")
+    t.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 instead of DDP")
     t.add_argument("--max-len", type=int, default=64)
     t.add_argument("--patience", type=int, default=2, help="epochs without a better mean dev accuracy before stopping")
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
@@ -217,7 +218,7 @@ def _train(args) -> int:
                       head_lr=args.head_lr, epochs=args.epochs, batch_size=args.batch, grad_accum=args.grad_accum,
                       max_len=args.max_len, patience=args.patience, dtype=args.dtype,
                       grad_checkpointing=args.grad_checkpointing, seed=args.seed, resume=args.resume,
-                      n_train=args.n_train, n_dev=args.n_dev, model_dropout=args.model_dropout)
+                      n_train=args.n_train, n_dev=args.n_dev, model_dropout=args.model_dropout, fsdp=args.fsdp)
     try:
         result = train(cfg)
     except (ValueError, FileNotFoundError) as e:

@@ -123,9 +123,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_follow_one_process_over_the_same_global_batch(tmp_path):
-    # torchrun with 2 CPU processes (gloo, DDP): each runs half of every global batch of 8; the loss curve and
-    # the trained bank equal one process's over the same batches (dropout off: masks depend on the shard).
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_processes_follow_one_process_over_the_same_global_batch(tmp_path, parallel):
+    # torchrun with 2 CPU processes (gloo; DDP, or FSDP2 sharding the frozen encoder, the bank and the head):
+    # each runs half of every global batch of 8; the loss curve and the trained bank equal one process's over
+    # the same batches (dropout off: masks depend on the shard).
     import os
     import subprocess
     import sys
@@ -138,13 +140,14 @@ def test_two_processes_follow_one_process_over_the_same_global_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, check=True, timeout=600,
                    capture_output=True)
+    extra = ["--fsdp"] if parallel == "fsdp2" else []
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(_free_port()), *common, "--out", str(tmp_path / "two")], env=env, timeout=600,
+                          str(_free_port()), *common, *extra, "--out", str(tmp_path / "two")], env=env, timeout=600,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "ptv2_train.json").read_text())
     two = json.loads((tmp_path / "two" / "ptv2_train.json").read_text())
-    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["processes"] == 2 and one["processes"] == 1 and two["parallel"] == parallel
     assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-4)
     assert two["history"][0]["dev_accuracy"] == one["history"][0]["dev_accuracy"]
     for name in ("prefix.safetensors", "head.safetensors"):

@@ -1,6 +1,8 @@
-"""Data-parallel training under ``torchrun`` (DDP): one process per device, each running a shard of every
-global batch; gradients are averaged by DDP, so a run over N processes follows the same trajectory as one
-process over the same global batch (up to the order of floating-point sums).
+"""Data-parallel training under ``torchrun``: one process per device, each running a shard of every global
+batch, with DDP (every process holds the whole model) or FSDP2 (``fully_shard``: each transformer block and
+the rest of the model, frozen base included, sharded over the processes; the bank and head too).
+Gradients are averaged either way, so a run over N processes follows the same trajectory as one process
+over the same global batch (up to the order of floating-point sums).
 
 ``torchrun --nproc_per_node 8 -m ptv2_fast.cli train ...`` on one machine; add ``--nnodes``,
 ``--node_rank`` and ``--master_addr`` for several. NCCL on GPUs, gloo on CPUs.
@@ -46,13 +48,41 @@ def setup() -> DistState:
     return DistState(dist.get_rank(), dist.get_world_size(), local_rank, device, created)
 
 
-def wrap(model: torch.nn.Module, st: DistState) -> torch.nn.Module:
-    """DDP over the trainable parameters (the bank and the head); the frozen encoder is replicated."""
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer blocks: the ModuleList holding config.num_hidden_layers modules."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == n:
+            return list(m)
+    raise ValueError("could not find the model's list of transformer blocks to shard")
+
+
+def wrap(model: torch.nn.Module, st: DistState, fsdp: bool = False) -> torch.nn.Module:
+    """The module to run: the model under DDP, or the model sharded in place with FSDP2 (build the optimizer
+    afterwards: sharding replaces the parameters)."""
     if st.world == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in _blocks(model):
+            fully_shard(block)
+        fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[st.device.index] if st.device.type == "cuda" else None)
+
+
+def full_state(module: torch.nn.Module) -> dict:
+    """``module.state_dict()`` with sharded tensors gathered whole, on the CPU. A collective under FSDP2:
+    every process must call it."""
+    out = {}
+    for k, v in module.state_dict().items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.detach().contiguous().cpu()
+    return out
 
 
 def shard(batch: list, st: DistState) -> list | None:

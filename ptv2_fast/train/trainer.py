@@ -57,6 +57,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     model_dropout: float | None = None  # override every dropout of the encoder (e.g. 0 for exact comparisons)
+    fsdp: bool = False  # under torchrun: shard the model with FSDP2 instead of replicating it (DDP)
 
 
 def model_path(name: str) -> str:
@@ -172,20 +173,32 @@ def evaluate(model, tok, tasks: list[Task], labels_space: _Labels, max_len: int 
     return acc
 
 
-def _save(out: Path, model, cfg: TrainConfig, tasks: list[Task], history: list[dict], best: dict):
+def _save(out: Path, model, state, cfg: TrainConfig, tasks: list[Task], history: list[dict], best: dict):
+    """``state``: (bank, head) state dicts, whole and on the CPU."""
+    import copy
+
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.ptv2_prefix.state_dict().items()},
-              str(out / "prefix.safetensors"))
-    save_file({k: v.detach().contiguous().cpu() for k, v in _head(model).state_dict().items()},
-              str(out / "head.safetensors"))
-    # each task's prefix also as a PEFT prefix-tuning adapter (PeftModel.from_pretrained loads it on the base
-    # encoder; the joint classifier stays in head.safetensors)
     from ..hf.peft import save_peft_adapter
 
+    out.mkdir(parents=True, exist_ok=True)
+    prefix_state, head_state = state
+    save_file(prefix_state, str(out / "prefix.safetensors"))
+    save_file(head_state, str(out / "head.safetensors"))
+    # each task's prefix also as a PEFT prefix-tuning adapter (PeftModel.from_pretrained loads it on the base
+    # encoder; the joint classifier stays in head.safetensors); from an unsharded copy of the bank module
+    bank = copy.deepcopy(model.ptv2_prefix) if not any(hasattr(v, "full_tensor")
+                                                       for v in model.ptv2_prefix.state_dict().values()) else None
+    if bank is None:
+        from ..hf.prefix_encoder import PrefixEncoder
+
+        src = model.ptv2_prefix
+        bank = PrefixEncoder(src.num_layers, src.num_kv_heads, src.head_dim, src.prefix_len, src.num_tasks,
+                             projection=src.projection)
+    bank.load_state_dict(prefix_state)
+    bank = bank.cpu()
     for i, task in enumerate(tasks):
-        save_peft_adapter(model.ptv2_prefix, i, str(out / "peft" / task.name), model.config,
+        save_peft_adapter(bank, i, str(out / "peft" / task.name), model.config,
                           base_model_name_or_path=model_path(cfg.model))
     meta = {"config": dataclasses.asdict(cfg), "tasks": [{"name": t.name, "labels": t.labels} for t in tasks],
             "history": history, "best": best}
@@ -215,6 +228,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     model.to(st.device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.fsdp and cfg.resume:
+        raise ValueError("resume is not supported with fsdp yet (the optimizer state is sharded)")
+    runner = distributed.wrap(model, st, fsdp=cfg.fsdp)  # before the optimizer: FSDP2 replaces the parameters
+    sharded = cfg.fsdp and st.world > 1
     head_params = list(_head(model).parameters())
     head_ids = {id(p) for p in head_params}
     prefix_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
@@ -235,7 +252,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
         history, best, first_epoch, stale = state["history"], state["best"], state["epoch"] + 1, state["stale"]
         log(f"resumed after epoch {first_epoch} (best mean dev accuracy {best['mean']:.3f})")
     dtype = AUTOCAST[cfg.dtype]
-    runner = distributed.wrap(model, st)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     for epoch in range(first_epoch, cfg.epochs):
         if stale >= cfg.patience:
@@ -267,18 +283,20 @@ def train(cfg: TrainConfig, log=print) -> dict:
                         "examples_per_s": seen / (time.perf_counter() - t0)})
         log(f"epoch {epoch + 1}: loss {running:.4f}, dev accuracy " +
             ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" (mean {mean:.3f})")
+        state = (distributed.full_state(model.ptv2_prefix), distributed.full_state(_head(model)))  # collective
         if mean > best["mean"]:
             best, stale = {"epoch": epoch + 1, "dev_accuracy": acc, "mean": mean}, 0
             if st.main:
-                _save(out, model, cfg, tasks, history, best)
+                _save(out, model, state, cfg, tasks, history, best)
         else:
             stale += 1
-        if st.main:
-            _save_resume(out, model, opt, rng, history, best, epoch, stale)
+        if st.main and not sharded:
+            _save_resume(out, state, opt, rng, history, best, epoch, stale)
     seconds = time.perf_counter() - start
     if st.main:
         meta = json.loads((out / "ptv2_train.json").read_text())
-        meta.update(history=history, seconds=seconds, processes=st.world)
+        meta.update(history=history, seconds=seconds, processes=st.world,
+                    parallel="fsdp2" if sharded else ("ddp" if st.world > 1 else "none"))
         (out / "ptv2_train.json").write_text(json.dumps(meta, indent=2))
     distributed.teardown(st)
     return {"best": best, "history": history, "seconds": seconds, "tasks": [t.name for t in tasks],
@@ -286,13 +304,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
                        for t in tasks}}
 
 
-def _save_resume(out: Path, model, opt, rng, history, best, epoch, stale):
+def _save_resume(out: Path, state, opt, rng, history, best, epoch, stale):
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.ptv2_prefix.state_dict().items()},
-              str(out / "last_prefix.safetensors"))
-    save_file({k: v.detach().contiguous().cpu() for k, v in _head(model).state_dict().items()},
-              str(out / "last_head.safetensors"))
+    save_file(state[0], str(out / "last_prefix.safetensors"))
+    save_file(state[1], str(out / "last_head.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "rng": rng.getstate(), "history": history, "best": best,
                 "epoch": epoch, "stale": stale}, out / "resume.pt")
 
