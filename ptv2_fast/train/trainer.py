@@ -211,8 +211,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     without improvement. Returns {"best": {...}, "history": [...], "seconds": ...}."""
     if cfg.dtype not in AUTOCAST:
         raise ValueError(f"dtype must be one of {list(AUTOCAST)}, got {cfg.dtype!r}")
-    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.epochs < 1:
-        raise ValueError("batch_size, grad_accum and epochs must be positive")
+    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.epochs < 1 or cfg.patience < 1:
+        raise ValueError("batch_size, grad_accum, epochs and patience must be positive")
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     st = distributed.setup()
@@ -223,6 +223,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
     tasks = [load_task(spec, seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev) for spec in cfg.tasks]
     if len({t.name for t in tasks}) != len(tasks):
         raise ValueError(f"task names must be unique, got {[t.name for t in tasks]}")
+    for task in tasks:
+        if not task.train or not task.dev:
+            raise ValueError(f"task {task.name!r} needs both train and dev examples")
     space = _Labels(tasks)
     tok, model = build_model(cfg.model, space.total, len(tasks), cfg)
     model.to(st.device)
@@ -238,20 +241,25 @@ def train(cfg: TrainConfig, log=print) -> dict:
     opt = torch.optim.AdamW([{"params": prefix_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
                             weight_decay=0.0)
     examples = [(t, text, space.offset[t] + y) for t, task in enumerate(tasks) for text, y in task.train]
+    if st.world > 1 and len(examples) < cfg.batch_size:
+        raise ValueError(f"{len(examples)} training examples do not fill one global batch of {cfg.batch_size}")
     rng = random.Random(cfg.seed)
     out = Path(cfg.out_dir)
     history, best, first_epoch, stale = [], {"mean": -1.0}, 0, 0
     if cfg.resume and (out / "resume.pt").is_file():
         from safetensors.torch import load_file
 
-        state = torch.load(out / "resume.pt", weights_only=False)
+        state = torch.load(out / "resume.pt", weights_only=False, map_location=st.device)
         model.ptv2_prefix.load_state_dict(load_file(str(out / "last_prefix.safetensors"), device=str(st.device)))
         _head(model).load_state_dict(load_file(str(out / "last_head.safetensors"), device=str(st.device)))
         opt.load_state_dict(state["optimizer"])
         rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])  # dropout masks continue, not replay epoch 1's
         history, best, first_epoch, stale = state["history"], state["best"], state["epoch"] + 1, state["stale"]
         log(f"resumed after epoch {first_epoch} (best mean dev accuracy {best['mean']:.3f})")
     dtype = AUTOCAST[cfg.dtype]
+    # fp16 autocast needs loss scaling (its gradients underflow); a disabled scaler is a pass-through
+    scaler = torch.amp.GradScaler(st.device.type, enabled=cfg.dtype == "fp16")
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     for epoch in range(first_epoch, cfg.epochs):
         if stale >= cfg.patience:
@@ -259,15 +267,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
         model.train()
         bar = _bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and st.main)
         seen, t0, running = 0, time.perf_counter(), None
-        for step, batch in enumerate(_batches(examples, cfg.batch_size, rng)):
-            local = distributed.shard(batch, st)
-            if local is None:
-                continue
-            enc, task_ids, labels = _encode(tok, local, cfg.max_len, st.device)
+        batches = [b for b in _batches(examples, cfg.batch_size, rng) if distributed.shard(b, st) is not None]
+        opt.zero_grad(set_to_none=True)
+        for step, batch in enumerate(batches):
+            # the window of micro-batches one optimizer step averages (the last one of an epoch may be short)
+            window = min(cfg.grad_accum, len(batches) - (step // cfg.grad_accum) * cfg.grad_accum)
+            enc, task_ids, labels = _encode(tok, distributed.shard(batch, st), cfg.max_len, st.device)
             loss = torch.nn.functional.cross_entropy(_logits(runner, space, enc, task_ids, dtype), labels)
-            (loss / cfg.grad_accum).backward()
-            if (step + 1) % cfg.grad_accum == 0 or step + 1 == steps_per_epoch:
-                opt.step()
+            scaler.scale(loss / window).backward()
+            if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(batches):
+                scaler.step(opt)
+                scaler.update()
                 opt.zero_grad(set_to_none=True)
             seen += len(batch)
             value = distributed.mean(loss, st)  # the global batch's loss
@@ -309,8 +319,8 @@ def _save_resume(out: Path, state, opt, rng, history, best, epoch, stale):
 
     save_file(state[0], str(out / "last_prefix.safetensors"))
     save_file(state[1], str(out / "last_head.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "rng": rng.getstate(), "history": history, "best": best,
-                "epoch": epoch, "stale": stale}, out / "resume.pt")
+    torch.save({"optimizer": opt.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                "history": history, "best": best, "epoch": epoch, "stale": stale}, out / "resume.pt")
 
 
 def _bar(total: int, desc: str, enabled: bool):
