@@ -350,7 +350,7 @@ def test_readme_hf_examples_run():
     import re
 
     text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Use with Hugging Face"):text.index("## Where things are")]
+    section = text[text.index("## Use with Hugging Face"):text.index("## Train and serve tasks")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 2
     scope = {}
