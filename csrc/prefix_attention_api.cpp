@@ -49,6 +49,12 @@ void copy_strides(int64_t* dst, const at::Tensor& t) {
   for (int64_t i = 0; i < t.dim(); ++i) dst[i] = t.stride(i);
 }
 
+void check_q_dtype(const char* op, const at::Tensor& q, const char* hint) {
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": q must be float32, float16 or bfloat16, got ", dt, hint);
+}
+
 void check_float_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dim, const at::Tensor& q) {
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but q has ",
@@ -90,9 +96,7 @@ AttnInputs check_attention(const char* op, const at::Tensor& q, const at::Tensor
                            const std::optional<at::Tensor>& key_padding_mask) {
   TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D [B, Hq, L, D], got shape ", q.sizes());
   TORCH_CHECK(q.device().is_cpu(), op, ": this implementation runs on CPU tensors, q is on ", q.device());
-  const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
-              ": q must be float32, float16 or bfloat16, got ", dt, " (float64: use backend='reference')");
+  check_q_dtype(op, q, " (float64: use backend='reference')");
   check_float_tensor(op, "k", k, 4, q);
   check_float_tensor(op, "v", v, 4, q);
   check_float_tensor(op, "prefix_k", pk, 4, q);
@@ -258,9 +262,8 @@ std::tuple<at::Tensor, at::Tensor> prefix_decode_attention(
   const char* op = "ptv2_fast.prefix_decode_attention";
   check_scale(op, scale);
   TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D [B, Hq, Lq, D], got shape ", q.sizes());
+  check_q_dtype(op, q, "");
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
-              ": q must be float32, float16 or bfloat16, got ", dt);
   check_float_tensor(op, "k_cache", k_cache, 4, q);
   check_float_tensor(op, "v_cache", v_cache, 4, q);
   check_float_tensor(op, "prefix_k", prefix_k, 4, q);

@@ -275,7 +275,10 @@ def available() -> bool:
 
 
 def has_cuda_kernels() -> bool:
-    return load() and "cuda" in torch.ops.ptv2_fast.build_info()
+    """Whether the loaded extension was built with its CUDA kernels (asked once, then remembered)."""
+    if "cuda" not in _state:
+        _state["cuda"] = load() and "cuda" in torch.ops.ptv2_fast.build_info()
+    return _state["cuda"]
 
 
 def status() -> dict:

@@ -126,11 +126,17 @@ def assert_rule(name, got, truth, naive, dtype):
     assert err <= 2 * base + floor, f"{name}: error {err:.3e} > 2 * naive {base:.3e} + floor {floor:.3e}"
 
 
-def check_case(case: Case, device=DEVICE, backend="triton"):
+def check_case(case: Case, device=DEVICE, backend="triton", dropout_p=0.0, keep=None, torch_seed=None):
+    """The op against the fp64 reference with the error rule. With dropout: ``keep`` is the mask the op
+    draws right after ``torch.manual_seed(torch_seed)``, given to the reference."""
     tensors, idx, kw, dout, dlse = make_problem(case, device)
-    out, lse, grads = run_op(tensors, idx, kw, dout, dlse, backend=backend)
-    t_out, t_lse, t_grads = run_ref(tensors, idx, kw, dout, dlse, torch.float64)
-    n_out, n_lse, n_grads = run_ref(tensors, idx, kw, dout, dlse, case.dtype)
+    if torch_seed is not None:
+        torch.manual_seed(torch_seed)
+    extra = {"dropout_p": dropout_p} if dropout_p else {}
+    ref_extra = {"dropout_mask": keep, "dropout_p": dropout_p} if dropout_p else {}
+    out, lse, grads = run_op(tensors, idx, kw, dout, dlse, backend=backend, **extra)
+    t_out, t_lse, t_grads = run_ref(tensors, idx, kw, dout, dlse, torch.float64, **ref_extra)
+    n_out, n_lse, n_grads = run_ref(tensors, idx, kw, dout, dlse, case.dtype, **ref_extra)
     assert out.dtype == case.dtype and out.shape == (case.B, case.Hq, case.L, case.D)
     assert lse.dtype == torch.float32 and lse.shape == (case.B, case.Hq, case.L)
     assert_rule("out", out, t_out, n_out, case.dtype)

@@ -13,7 +13,7 @@ from ptv2_fast import _ext
 from ptv2_fast.attention import draw_rng_key
 from ptv2_fast.ops.backends import BackendUnavailable
 
-from _util import Case, assert_rule, check_case, make_problem, run_op, run_ref
+from _util import Case, check_case, make_problem, run_op
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -77,17 +77,7 @@ def _cpp_mask(case: Case, torch_seed: int):
 ])
 def test_dropout_equals_reference_with_the_same_mask(case, poisoned_outputs):
     # The forward's mask, replayed by both backward phases, is the one the mask view reports.
-    tensors, idx, kw, dout, dlse = make_problem(case, "cpu")
-    keep = _cpp_mask(case, 5)
-    torch.manual_seed(5)
-    out, lse, grads = run_op(tensors, idx, kw, dout, dlse, backend="cpp", dropout_p=P_DROP)
-    extra = {"dropout_mask": keep, "dropout_p": P_DROP}
-    t_out, t_lse, t_grads = run_ref(tensors, idx, kw, dout, dlse, torch.float64, **extra)
-    n_out, n_lse, n_grads = run_ref(tensors, idx, kw, dout, dlse, case.dtype, **extra)
-    assert_rule("out", out, t_out, n_out, case.dtype)
-    assert_rule("lse", lse, t_lse, n_lse, case.dtype)
-    for name, g, tg, ng in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, t_grads, n_grads):
-        assert_rule(name, g, tg, ng, case.dtype)
+    check_case(case, device="cpu", backend="cpp", dropout_p=P_DROP, keep=_cpp_mask(case, 5), torch_seed=5)
 
 
 def test_dropout_is_reproducible_with_the_right_keep_rate():

@@ -9,7 +9,7 @@ import ptv2_fast
 from ptv2_fast.attention import draw_rng_key
 from ptv2_fast.kernels import prefix_attention_dropout_mask
 
-from _util import DEVICE, Case, assert_rule, make_problem, run_op, run_ref
+from _util import DEVICE, Case, check_case, make_problem, run_op, run_ref
 
 P_DROP = 0.3
 
@@ -53,17 +53,7 @@ def test_keep_rate_within_statistical_bounds():
     pytest.param(Case(P=64, T=1, L=1, S=33, D=64, mask="kpm", layout="blhd"), id="decode-kpm-blhd"),
 ])
 def test_forward_and_gradients_equal_reference_with_the_same_mask(case):
-    tensors, idx, kw, dout, dlse = make_problem(case)
-    keep = _op_mask(case, 5)
-    torch.manual_seed(5)
-    out, lse, grads = run_op(tensors, idx, kw, dout, dlse, dropout_p=P_DROP)
-    extra = {"dropout_mask": keep, "dropout_p": P_DROP}
-    t_out, t_lse, t_grads = run_ref(tensors, idx, kw, dout, dlse, torch.float64, **extra)
-    n_out, n_lse, n_grads = run_ref(tensors, idx, kw, dout, dlse, case.dtype, **extra)
-    assert_rule("out", out, t_out, n_out, case.dtype)
-    assert_rule("lse", lse, t_lse, n_lse, case.dtype)
-    for name, g, tg, ng in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, t_grads, n_grads):
-        assert_rule(name, g, tg, ng, case.dtype)
+    check_case(case, backend="triton", dropout_p=P_DROP, keep=_op_mask(case, 5), torch_seed=5)
 
 
 def test_reference_backend_dropout_is_reproducible_and_replayed():

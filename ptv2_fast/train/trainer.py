@@ -20,6 +20,7 @@ import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -139,18 +140,10 @@ def _encode(tok, batch, max_len: int, device):
 
 
 def _logits(model, labels_space: _Labels, enc, task_ids, dtype):
-    ctx = torch.autocast(device_type=task_ids.device.type, dtype=dtype) if dtype is not None else _null()
+    ctx = torch.autocast(device_type=task_ids.device.type, dtype=dtype) if dtype is not None else nullcontext()
     with ctx:
         logits = model(**enc, prefix_index=task_ids).logits.float()
     return logits.masked_fill(~labels_space.mask(task_ids), float("-inf"))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -175,8 +168,6 @@ def evaluate(model, tok, tasks: list[Task], labels_space: _Labels, max_len: int 
 
 def _save(out: Path, model, state, cfg: TrainConfig, tasks: list[Task], history: list[dict], best: dict):
     """``state``: (bank, head) state dicts, whole and on the CPU."""
-    import copy
-
     from safetensors.torch import save_file
 
     from ..hf.peft import save_peft_adapter
@@ -186,17 +177,12 @@ def _save(out: Path, model, state, cfg: TrainConfig, tasks: list[Task], history:
     save_file(prefix_state, str(out / "prefix.safetensors"))
     save_file(head_state, str(out / "head.safetensors"))
     # each task's prefix also as a PEFT prefix-tuning adapter (PeftModel.from_pretrained loads it on the base
-    # encoder; the joint classifier stays in head.safetensors); from an unsharded copy of the bank module
-    bank = copy.deepcopy(model.ptv2_prefix) if not any(hasattr(v, "full_tensor")
-                                                       for v in model.ptv2_prefix.state_dict().values()) else None
-    if bank is None:
-        from ..hf.prefix_encoder import PrefixEncoder
-
-        src = model.ptv2_prefix
-        bank = PrefixEncoder(src.num_layers, src.num_kv_heads, src.head_dim, src.prefix_len, src.num_tasks,
-                             projection=src.projection)
+    # encoder; the joint classifier stays in head.safetensors), from a CPU bank holding the gathered state
+    # (the live one may be sharded)
+    src = model.ptv2_prefix
+    bank = type(src)(src.num_layers, src.num_kv_heads, src.head_dim, src.prefix_len, src.num_tasks,
+                     projection=src.projection)
     bank.load_state_dict(prefix_state)
-    bank = bank.cpu()
     for i, task in enumerate(tasks):
         save_peft_adapter(bank, i, str(out / "peft" / task.name), model.config,
                           base_model_name_or_path=model_path(cfg.model))
