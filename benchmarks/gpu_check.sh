@@ -11,6 +11,9 @@
 #
 #   benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS=420]
 #
+# STAGES (default: all) picks a subset: tests ext e2e-bert-large bench-ptv2-nlu e2e-llama-1b
+# bench-decoder-train bench-serve-decode. Failures are also appended to run/failures.log as they happen.
+#
 # For a machine with a GPU and no network whose Python already has torch, triton, transformers, peft and pytest.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS]}
@@ -22,6 +25,9 @@ left() { echo $(( budget - ($(date +%s) - start) )); }
 say() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$out/summary.log"; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1
 py=${PYTHON:-python3}
+stages=" ${STAGES:-tests ext e2e-bert-large bench-ptv2-nlu e2e-llama-1b bench-decoder-train bench-serve-decode} "
+want() { [[ "$stages" == *" $1 "* ]]; }
+export PTV2_FAST_FAILURE_LOG="$(cd "$run" && pwd)/failures.log"
 pack() { tar -C "$out" -czf "$out/gpu_check.tgz" --exclude=run/ext_cache run 2>/dev/null; say "packed"; }
 trap pack EXIT
 
@@ -37,31 +43,41 @@ cat "$run/env.log" | tee -a "$out/summary.log"
 
 # The extension (CPU + CUDA sources) builds in the background into a cache in $run, then the decode tests.
 export PTV2_FAST_EXT_CACHE="$run/ext_cache"
-(
+ext_pid=
+if want ext; then (
   MAX_JOBS=6 timeout 300 $py -m ptv2_fast._ext --cuda > "$run/ext_build.log" 2>&1
   echo "ext build rc=$?" >> "$run/ext_build.log"
   timeout 150 $py -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_decode.py > "$run/decode_tests.log" 2>&1
   echo "decode tests rc=$?" >> "$run/decode_tests.log"
+  if grep -q "Segmentation fault" "$run/decode_tests.log" && command -v cuda-gdb > /dev/null; then
+    timeout 120 cuda-gdb -q -batch -ex run -ex bt --args $py -m pytest -q -p no:cacheprovider tests/test_decode.py \
+      -k "checks_its_inputs" > "$run/decode_segv_bt.log" 2>&1
+  fi
 ) &
-ext_pid=$!
+  ext_pid=$!
+fi
 
 # 1. GPU tests. The tests that only exercise the CPU extension, packaging or the CPU training loop ran in CI;
 # they are left out here, and the extension is off for these processes (the background build owns it).
-workers=$($py -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-PTV2_FAST_DISABLE_EXT=1 timeout $(( $(left) * 45 / 100 )) $py -m pytest -q -p no:cacheprovider $workers -rfE \
+workers=$($py -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-8}" || echo "")
+if want tests; then
+PTV2_FAST_DISABLE_EXT=1 timeout $(( $(left) * ${TESTS_SHARE:-45} / 100 )) $py -m pytest -q -p no:cacheprovider $workers -rfE \
   --tb=short tests/test_prefix_attention.py tests/test_dropout.py tests/test_merge.py tests/test_checks.py \
   tests/test_torch_integration.py tests/test_hf_patch.py tests/test_hf_peft.py tests/test_reference_backend.py \
   > "$run/tests.log" 2>&1
 say "gpu tests rc=$? $(tail -n 1 "$run/tests.log")"
-grep -E "^(FAILED|ERROR)" "$run/tests.log" | head -n 30 | tee -a "$out/summary.log"
+fi
+[ -f "$run/failures.log" ] && say "$(grep -c '^===' "$run/failures.log") failures: $(grep '^===' "$run/failures.log" | head -n 40)"
 
 e2e() {  # model: 50 training (and inference) steps, PEFT vs patched
+  want "e2e-$1" || return
   [ "$(left)" -gt 60 ] || { say "budget spent before e2e $1"; return; }
   timeout $(( $(left) - 20 )) $py -m ptv2_fast.cli e2e "$1" --dtype bf16 --steps 50 --variants peft,patched \
     --json "$run/e2e_${1}_h100.json" > "$run/e2e_${1}.log" 2>&1
   say "e2e $1 rc=$?"; tail -n 9 "$run/e2e_${1}.log" | tee -a "$out/summary.log"
 }
 bench() {  # preset
+  want "bench-$1" || return
   [ "$(left)" -gt 60 ] || { say "budget spent before bench $1"; return; }
   timeout $(( $(left) - 20 )) $py -m ptv2_fast.cli bench --preset "$1" --dtype bf16 --reps 20 --warmup 5 \
     --out "$run" > "$run/bench_$1.log" 2>&1
@@ -71,7 +87,9 @@ e2e bert-large
 bench ptv2-nlu
 e2e llama-1b
 bench decoder-train
-wait $ext_pid
-say "$(tail -n 1 "$run/ext_build.log")"; say "$(tail -n 2 "$run/decode_tests.log" | tr '\n' ' ')"
+if [ -n "$ext_pid" ]; then
+  wait "$ext_pid"
+  say "$(tail -n 1 "$run/ext_build.log")"; say "$(grep -v '^  ' "$run/decode_tests.log" | tail -n 3 | tr '\n' ' ')"
+fi
 bench serve-decode
 say "gpu_check done in $(( $(date +%s) - start )) s"

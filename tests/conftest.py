@@ -34,3 +34,13 @@ def poisoned_outputs():
     yield
     torch.use_deterministic_algorithms(old_alg)
     det.fill_uninitialized_memory = old_fill
+
+
+def pytest_runtest_logreport(report):
+    """With PTV2_FAST_FAILURE_LOG set, append each failure to that file as it happens (for time-limited GPU
+    runs, where a killed pytest never prints its summary)."""
+    path = os.environ.get("PTV2_FAST_FAILURE_LOG")
+    if path and report.failed:
+        text = str(report.longrepr)
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{text[-1500:]}\n")
