@@ -95,12 +95,12 @@ def naive_forward(model, bank, prefix_index, input_ids, attention_mask, **kwargs
 
     B = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
     layers, _, T, _, P, _ = bank.shape
-    rows = torch.zeros(B, dtype=torch.long) if prefix_index is None else prefix_index
+    rows = torch.zeros(B, dtype=torch.long, device=bank.device) if prefix_index is None else prefix_index
     cache = DynamicCache(config=model.config)
     for layer in range(layers):
         cache.update(bank[layer, 0][rows], bank[layer, 1][rows], layer)
     if attention_mask is not None:
-        attention_mask = torch.cat([torch.ones(B, P, dtype=attention_mask.dtype), attention_mask], dim=1)
+        attention_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
     return model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
                  **kwargs)
 

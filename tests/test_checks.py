@@ -172,6 +172,15 @@ def test_auto_warns_once_and_falls_back_when_triton_cannot_load(monkeypatch):
         backends.resolve("triton", torch.device("cuda"))
 
 
+def test_float64_on_cuda_goes_to_the_reference_and_is_refused_by_triton():
+    # The Triton kernels do not compile for float64 on a GPU (seen on an H100, triton 3.6).
+    from ptv2_fast.ops import backends
+
+    assert backends.resolve("auto", torch.device("cuda"), torch.float64) == "reference"
+    with pytest.raises(BackendUnavailable, match="float64"):
+        backends.resolve("triton", torch.device("cuda"), torch.float64)
+
+
 def test_rng_key_is_validated():
     a = _args()
     with pytest.raises(ValueError, match="rng_key must be an int64 CPU tensor"):

@@ -15,7 +15,7 @@ def test_split_prefix_and_sequence_then_merge_equals_full_attention():
     g_full = torch.autograd.grad((full_o * dout).sum() + (full_lse.nan_to_num(neginf=0) * dlse).sum(),
                                  (q, k, v, pk, pv))
     # Part a: the prefix only (every sequence key padded). Part b: the sequence only (an empty bank).
-    none = torch.zeros(case.B, dtype=torch.long)
+    none = torch.zeros(case.B, dtype=torch.long, device=q.device)
     o_a, l_a = ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, kv_lens=none, return_lse=True, backend="reference")
     empty = pk[:, :, :0]
     o_b, l_b = ptv2_fast.prefix_attention(q, k, v, empty, empty, idx, return_lse=True, backend="reference", **kw)

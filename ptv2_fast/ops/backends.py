@@ -46,7 +46,8 @@ def _extension_ops():
 def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None, dropout_p: float = 0.0) -> str:
     """The concrete backend name for a request, or a clear error when it cannot run on ``device``.
 
-    ``auto``: Triton on CUDA tensors; on CPU tensors the C++ extension (built on first use) for float32,
+    ``auto``: Triton on CUDA tensors (float64 there: the concatenating reference, since the Triton kernels do
+    not compile for float64 on a GPU); on CPU tensors the C++ extension (built on first use) for float32,
     float16 and bfloat16, else the concatenating reference."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -57,6 +58,8 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None
 
                 if _ext.load():
                     return "cpp"
+            return "reference"
+        if dtype == torch.float64:
             return "reference"
         try:
             _triton_kernels()
@@ -72,6 +75,10 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None
                 "environment before ptv2_fast's kernels are first used, or use backend='auto'")
         if device.type not in ("cuda", "cpu"):
             raise BackendUnavailable(f"backend='triton' does not run on {device.type} tensors")
+        if device.type == "cuda" and dtype == torch.float64:
+            # Seen on an H100 (triton 3.6): the kernels fail to compile for float64 (LLVM lowering).
+            raise BackendUnavailable("backend='triton' on CUDA supports float32, float16 and bfloat16, got "
+                                     "torch.float64 (use backend='reference' or 'auto' for float64 checks)")
         _triton_kernels()
         return "triton"
     if backend == "cuda":
