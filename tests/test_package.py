@@ -59,6 +59,8 @@ def test_built_wheel_ships_kernels_inside_ptv2_fast(tmp_path):
     assert "ptv2_fast/kernels/__init__.py" in names
     assert "ptv2_fast/benchmarks/op_bench.py" in names
     assert "ptv2_fast/train/trainer.py" in names
+    for f in ("accelerate_ddp.yaml", "accelerate_fsdp_multinode.yaml", "deepspeed_zero3.json"):  # launcher configs
+        assert f"ptv2_fast/train/configs/{f}" in names, f
     # the extension's sources, so an installed wheel can JIT-build it
     for f in ("registration.cpp", "prefix_attention_api.cpp", "cpu/prefix_attention_cpu.cpp",
               "cuda/prefix_decode_cuda.cu", "prefix_decode_params.h"):

@@ -153,6 +153,24 @@ def test_hub_datasets_load_through_the_datasets_package(monkeypatch):
         load_task("hf:nope")
 
 
+def test_shipped_launcher_configs(capsys):
+    import yaml
+
+    assert main(["configs"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {"accelerate_ddp", "accelerate_fsdp_multinode", "deepspeed_zero3"} <= set(listed)
+    assert main(["configs", "accelerate_ddp"]) == 0
+    path = capsys.readouterr().out.strip()
+    cfg = yaml.safe_load(open(path))
+    assert cfg["distributed_type"] == "MULTI_GPU" and cfg["num_processes"] == 2 and cfg["num_machines"] == 1
+    multi = yaml.safe_load(open(path.replace("accelerate_ddp", "accelerate_fsdp_multinode")))
+    assert multi["num_machines"] == 2 and multi["num_processes"] % multi["num_machines"] == 0
+    ds = json.load(open(path.replace("accelerate_ddp.yaml", "deepspeed_zero3.json")))
+    assert ds["zero_optimization"]["stage"] == 3
+    with pytest.raises(SystemExit, match="no shipped config"):
+        main(["configs", "nope"])
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="patience"):
         train(TrainConfig(tasks=["sentiment"], patience=0, progress=False))
@@ -282,11 +300,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2", "accelerate"])
 def test_two_processes_follow_one_process_over_the_same_global_batch(tmp_path, parallel):
-    # torchrun with 2 CPU processes (gloo; DDP, or FSDP2 sharding the frozen encoder, the bank and the head):
-    # each runs half of every global batch of 8; the loss curve and the trained bank equal one process's over
-    # the same batches (dropout off: masks depend on the shard).
+    # 2 CPU processes (gloo) under torchrun (DDP, or FSDP2 sharding the frozen encoder, the bank and the head),
+    # or under accelerate launch with the shipped config (DDP): each runs half of every global batch of 8; the
+    # loss curve and the trained bank equal one process's over the same batches (dropout off: masks depend on
+    # the shard).
     import os
     import subprocess
     import sys
@@ -300,13 +319,21 @@ def test_two_processes_follow_one_process_over_the_same_global_batch(tmp_path, p
     subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, check=True, timeout=600,
                    capture_output=True)
     extra = ["--fsdp"] if parallel == "fsdp2" else []
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(_free_port()), *common, *extra, "--out", str(tmp_path / "two")], env=env, timeout=600,
-                         capture_output=True, text=True)
+    if parallel == "accelerate":
+        pytest.importorskip("accelerate")
+        from ptv2_fast.train.distributed import config_path
+
+        launcher = ["-m", "accelerate.commands.launch", "--config_file", config_path("accelerate_ddp"),
+                    "--main_process_port", str(_free_port())]
+    else:
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    res = subprocess.run([sys.executable, *launcher, *common, *extra, "--out", str(tmp_path / "two")], env=env,
+                         timeout=600, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "ptv2_train.json").read_text())
     two = json.loads((tmp_path / "two" / "ptv2_train.json").read_text())
-    assert two["processes"] == 2 and one["processes"] == 1 and two["parallel"] == parallel
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["parallel"] == {"accelerate": "ddp"}.get(parallel, parallel)
     assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-4)
     assert two["history"][0]["dev_accuracy"] == one["history"][0]["dev_accuracy"]
     for name in ("prefix.safetensors", "head.safetensors"):

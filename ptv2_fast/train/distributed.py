@@ -5,16 +5,28 @@ Gradients are averaged either way, so a run over N processes follows the same tr
 over the same global batch (up to the order of floating-point sums).
 
 ``torchrun --nproc_per_node 8 -m ptv2_fast.cli train ...`` on one machine; add ``--nnodes``,
-``--node_rank`` and ``--master_addr`` for several. NCCL on GPUs, gloo on CPUs.
+``--node_rank`` and ``--master_addr`` for several. ``accelerate launch`` with a shipped config
+(``config_path("accelerate_ddp")``) starts the same processes through torchrun. NCCL on GPUs, gloo on CPUs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def config_path(name: str) -> str:
+    """The path of a shipped launcher config (accelerate_ddp, accelerate_fsdp_multinode, deepspeed_zero3)."""
+    found = sorted(p for p in CONFIGS.iterdir() if p.stem == name or p.name == name)
+    if not found:
+        raise ValueError(f"no shipped config {name!r}; there are {sorted(p.stem for p in CONFIGS.iterdir())}")
+    return str(found[0])
 
 
 @dataclasses.dataclass
