@@ -227,6 +227,7 @@ def test_token_classification_run_learns_and_tags_every_word(tmp_path):
     tags = pred.predict(["the dog walked in the park", ["the", "farmers", "will", "walk"]], "pos")
     assert [len(t) for t in tags] == [6, 4] and all(t in pred.tasks[0].labels for row in tags for t in row)
     assert tags[0][0] == "DET" and tags[1][0] == "DET"
+    assert pred.predict(["", "the dog"], "pos")[0] == []  # a blank line gets no tags, and no error
 
 
 @pytest.fixture(scope="module")

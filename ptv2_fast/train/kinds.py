@@ -206,6 +206,8 @@ class CausalLM:
         """Greedy completions; rows of different tasks in one left-padded batch."""
         _, eos, pad = self._special(tok)
         rows = [self._prompt_ids(tok, p)[-max_len:] for _, p, _ in batch]
+        if not all(rows):
+            raise ValueError("an empty prompt, and this tokenizer has no beginning-of-sequence token to start from")
         n = max(len(r) for r in rows)
         ids = torch.tensor([[pad] * (n - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows], device=device)

@@ -365,9 +365,13 @@ class Predictor:
         if self.kind.name == "token_cls":
             inputs = [x.split() if isinstance(x, str) else list(x) for x in inputs]
         rows = [(self.index[n], x, None) for n, x in zip(names, inputs)]
+        keep = [i for i, x in enumerate(inputs) if len(x) > 0 or self.kind.name == "causal_lm"]
         device = next(self.model.parameters()).device
-        out = []
-        for batch in _batches(rows, batch_size, None):
-            out += self.kind.predict(self.model, self.tok, batch, self.max_len, device,
-                                     max_new_tokens=self.max_new_tokens)
+        found = []
+        for batch in _batches([rows[i] for i in keep], batch_size, None):
+            found += self.kind.predict(self.model, self.tok, batch, self.max_len, device,
+                                       max_new_tokens=self.max_new_tokens)
+        out = [[] if self.kind.name == "token_cls" else "" for _ in rows]  # empty inputs: nothing to label
+        for i, o in zip(keep, found):
+            out[i] = o
         return out
