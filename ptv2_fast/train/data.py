@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import warnings
 from pathlib import Path
 
 from .synthetic import GENERATORS, Task, make_task
@@ -29,8 +30,11 @@ DEV_NAMES = ("dev", "validation", "valid", "val")
 FIELDS = {"seq_cls": ("text", "label"), "token_cls": ("tokens", "tags"), "causal_lm": ("prompt", "completion")}
 HUB_COLUMNS = {"text": ("text", "sentence", "content", "document"), "label": ("label", "labels"),
                "tokens": ("tokens", "words"), "tags": ("tags", "ner_tags", "pos_tags", "chunk_tags"),
-               "prompt": ("prompt", "question", "input", "instruction"),
-               "completion": ("completion", "answer", "output", "response")}
+               "prompt": ("prompt", "instruction", "question", "input"),
+               "completion": ("completion", "output", "response", "answer")}
+# instruction datasets (Alpaca: instruction/input/output, Dolly: instruction/context/response): the second
+# column, when not empty, follows the instruction in the prompt
+PROMPT_EXTRA = ("input", "context")
 
 
 def _records(path: Path) -> list[dict]:
@@ -61,14 +65,14 @@ def _split(value, source, i):
     raise ValueError(f"{source}: record {i} has split {value!r}; use train or dev (validation), and keep test rows out")
 
 
-def _kind(recs: list[dict], source) -> str:
+def _kind(recs: list[dict], source, columns=None) -> str:
     if not recs:
         raise ValueError(f"{source}: no records")
     for kind, (x, y) in FIELDS.items():
         if x in recs[0] and y in recs[0]:
             return kind
     raise ValueError(f"{source}: records need text+label (classification), tokens+tags (token classification) or "
-                     f"prompt+completion (causal LM) fields; the first has {sorted(recs[0])}")
+                     f"prompt+completion (causal LM) fields; the first has {sorted(columns or recs[0])}")
 
 
 def _words(value) -> list[str]:
@@ -84,12 +88,19 @@ def task_from_records(name: str, recs: list[dict], source, seed: int = 0, label_
         if r.get(x_field) is None or r.get(y_field) is None:
             raise ValueError(f"{source}: record {i} lacks a {x_field!r} or {y_field!r} value: {r!r}")
     labels: list[str] = []
+    if kind == "token_cls":  # an empty sentence has nothing to tag: skip it
+        recs = [r for r in recs if _words(r["tokens"])]
+        if not recs:
+            raise ValueError(f"{source}: every record has an empty token list")
     if kind == "causal_lm":
         items = [(str(r["prompt"]), str(r["completion"])) for r in recs]
     else:
         raw = [[r[y_field]] if kind == "seq_cls" else _words(r[y_field]) for r in recs]
         if label_names is not None:
             labels = list(label_names)
+            bad = next((v for row in raw for v in row if not 0 <= int(v) < len(labels)), None)
+            if bad is not None:
+                raise ValueError(f"{source}: label {bad} is outside the dataset's {len(labels)} classes {labels}")
             names = [[labels[int(v)] for v in row] for row in raw]
         else:
             names = [[str(v) for v in row] for row in raw]
@@ -139,9 +150,12 @@ def load_hub_task(spec: str, name: str | None = None, seed: int = 0) -> Task:
     path, _, config = spec.partition(":")
     try:
         ds = datasets.load_dataset(path, config or None)
-    except Exception as e:  # offline, unknown name, ...: say which dataset
-        raise ValueError(f"could not load the dataset {spec!r} from the hub ({type(e).__name__}: {e}); "
-                         "hub datasets need a network, local files do not") from e
+    except Exception as e:  # offline, unknown name, missing config, ...: say which dataset
+        text = f"{type(e).__name__}: {e}"
+        offline = isinstance(e, (ConnectionError, TimeoutError)) or any(
+            w in text.lower() for w in ("offline", "connection", "network", "resolve"))
+        raise ValueError(f"could not load the dataset {spec!r} from the hub ({text})" +
+                         ("; hub datasets need a network, local files do not" if offline else "")) from e
     dev_split = next((s for s in DEV_NAMES if s in ds), None)
     if "train" not in ds:
         raise ValueError(f"dataset {spec!r} has no train split (splits: {list(ds)})")
@@ -151,21 +165,33 @@ def load_hub_task(spec: str, name: str | None = None, seed: int = 0) -> Task:
         found = next((c for c in options if c in columns), None)
         if found is not None:
             rename[field] = found
-    recs = []
+    extra = next((c for c in PROMPT_EXTRA if c in columns and c != rename.get("prompt")), None)
+    recs, dropped = [], 0
     for split in ["train"] + ([dev_split] if dev_split else []):
         for row in ds[split]:
             rec = {f: row[c] for f, c in rename.items()}
+            if extra and "prompt" in rec and str(row[extra] or "").strip():
+                rec["prompt"] = f"{rec['prompt']}\n{row[extra]}"
             if dev_split:
                 rec["split"] = "dev" if split == dev_split else "train"
+            # a negative class index means "no gold label" (e.g. SNLI's -1): such rows are left out
+            y = rec.get("label", rec.get("tags"))
+            if isinstance(y, int) and y < 0 or isinstance(y, list) and any(isinstance(v, int) and v < 0 for v in y):
+                dropped += 1
+                continue
             recs.append(rec)
+    if dropped:
+        warnings.warn(f"dataset {spec!r}: {dropped} rows without a gold label (negative class index) left out",
+                      stacklevel=2)
     label_names = None
-    kind = _kind(recs, spec)
+    kind = _kind(recs, spec, columns)
     y_col = rename.get(FIELDS[kind][1])
     if kind != "causal_lm" and y_col is not None:
         feature = ds["train"].features[y_col]
         feature = getattr(feature, "feature", feature)  # a sequence of ClassLabel for tags
         label_names = getattr(feature, "names", None)
-    return task_from_records(name or path.rsplit("/", 1)[-1], recs, spec, seed=seed, label_names=label_names)
+    default = path.rsplit("/", 1)[-1] + (f"_{config}" if config else "")
+    return task_from_records(name or default, recs, spec, seed=seed, label_names=label_names)
 
 
 def load_task(spec: str, seed: int = 0, n_train: int = 600, n_dev: int = 200) -> Task:

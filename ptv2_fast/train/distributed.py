@@ -2,7 +2,10 @@
 batch, with DDP (every process holds the whole model) or FSDP2 (``fully_shard``: each transformer block and
 the rest of the model, frozen base included, sharded over the processes; the bank and head too).
 Gradients are averaged either way, so a run over N processes follows the same trajectory as one process
-over the same global batch (up to the order of floating-point sums).
+over the same global batch (up to the order of floating-point sums) for sequence classification, where every
+row is one target. Token classification and causal LM average their loss over each shard's own targets, and
+shards hold different numbers of tokens: there the N-process run weights tokens slightly differently from
+one process (as gradient accumulation does), and the trajectories are close, not equal.
 
 ``torchrun --nproc_per_node 8 -m ptv2_fast.cli train ...`` on one machine; add ``--nnodes``,
 ``--node_rank`` and ``--master_addr`` for several. ``accelerate launch`` with a shipped config

@@ -109,21 +109,37 @@ class TokenCls(SeqCls):
     def _joint(self, t: int, y):
         return [self.space.offset[t] + tag for tag in y]
 
-    def encode(self, tok, batch, max_len: int, device):
-        """Targets [B, L]: each word's tag on its first sub-token, IGNORE elsewhere (and on cut-off words)."""
+    @staticmethod
+    def _tokenize(tok, batch, max_len: int):
         if not getattr(tok, "is_fast", False):
             raise ValueError("token classification needs a fast tokenizer (it maps sub-tokens to words)")
-        enc = tok([list(x) for _, x, _ in batch], is_split_into_words=True, padding=True, truncation=True,
-                  max_length=max_len, return_tensors="pt")
+        return tok([list(x) for _, x, _ in batch], is_split_into_words=True, padding=True, truncation=True,
+                   max_length=max_len, return_tensors="pt")
+
+    @staticmethod
+    def _first_tokens(enc, i: int):
+        """(position, word) of each word's first sub-token in row i of a (padded) BatchEncoding."""
+        prev = None
+        for j, w in enumerate(enc.word_ids(i)):
+            if w is not None and w != prev:
+                yield j, w
+            prev = w
+
+    def encode(self, tok, batch, max_len: int, device):
+        """Targets [B, L]: each word's tag on its first sub-token, IGNORE elsewhere (and on cut-off words)."""
+        enc = self._tokenize(tok, batch, max_len)
         targets = torch.full(enc["input_ids"].shape, IGNORE, dtype=torch.long)
         for i, (_, _, tags) in enumerate(batch):
-            prev = None
-            for j, w in enumerate(enc.word_ids(i)):
-                if w is not None and w != prev:
-                    targets[i, j] = IGNORE if tags is None else tags[w]
-                prev = w
+            if tags is not None:
+                for j, w in self._first_tokens(enc, i):
+                    targets[i, j] = tags[w]
         enc = {k: v.to(device) for k, v in enc.items()}
         return enc, torch.tensor([t for t, _, _ in batch], device=device), targets.to(device)
+
+    def uncounted(self, tok, batch, max_len: int) -> int:
+        """Words cut off by max_len in a batch: they count as wrong in the dev metric."""
+        enc = self._tokenize(tok, batch, max_len)
+        return sum(len(x) - sum(1 for _ in self._first_tokens(enc, i)) for i, (_, x, _) in enumerate(batch))
 
     def baseline(self, task) -> float:
         """The majority-tag rate over the dev words."""
@@ -132,16 +148,14 @@ class TokenCls(SeqCls):
 
     def predict(self, model, tok, batch, max_len: int, device, **_) -> list:
         """One tag name per word (None for words cut off by max_len)."""
-        batch = [(t, x, None) for t, x, _ in batch]
-        enc, task_ids, _ = self.encode(tok, batch, max_len, device)
-        pred = self.logits(model, enc, task_ids, None).argmax(-1).tolist()
-        wordmap = tok([list(x) for _, x, _ in batch], is_split_into_words=True, truncation=True, max_length=max_len)
+        enc = self._tokenize(tok, batch, max_len)
+        task_ids = torch.tensor([t for t, _, _ in batch], device=device)
+        pred = self.logits(model, {k: v.to(device) for k, v in enc.items()}, task_ids, None).argmax(-1).tolist()
         out = []
         for i, (t, words, _) in enumerate(batch):
             tags = [None] * len(words)
-            for j, w in enumerate(wordmap.word_ids(i)):
-                if w is not None and tags[w] is None:
-                    tags[w] = self.tasks[t].labels[pred[i][j] - self.space.offset[t]]
+            for j, w in self._first_tokens(enc, i):  # positions of the same padded batch the model saw
+                tags[w] = self.tasks[t].labels[pred[i][j] - self.space.offset[t]]
             out.append(tags)
         return out
 
@@ -160,25 +174,44 @@ class CausalLM:
 
     @staticmethod
     def _special(tok):
+        """(bos or None, eos, pad) token ids; eos falls back to sep, pad to eos."""
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        if eos is None:
+            raise ValueError("causal-LM tasks need a tokenizer with an end-of-sequence (or separator) token")
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
         return bos, eos, pad
 
-    def _prompt_ids(self, tok, prompt: str) -> list[int]:
-        bos, _, _ = self._special(tok)
-        return ([bos] if bos is not None else []) + tok(prompt, add_special_tokens=False)["input_ids"]
+    def _pieces(self, tok, prompt: str, completion: str | None):
+        """(bos list, prompt ids, completion ids + [eos] or None). The completion is tokenized as the
+        continuation of the prompt (so no stray word-boundary token starts it)."""
+        bos, eos, _ = self._special(tok)
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        c = None
+        if completion is not None:
+            full = tok(prompt + " " + completion, add_special_tokens=False)["input_ids"]
+            c = full[len(p):] if full[:len(p)] == p else tok(" " + completion, add_special_tokens=False)["input_ids"]
+            c = c + [eos]
+        return ([bos] if bos is not None else []), p, c
+
+    @staticmethod
+    def _fit(head: list, p: list, c: list | None, max_len: int) -> tuple[list, list]:
+        """Cut to max_len tokens: the start of the completion is kept first (at least half of max_len, or
+        all of it), then the end of the prompt; the bos token always stays. Returns (prompt part, completion
+        part) with the bos inside the prompt part."""
+        c = c or []
+        keep_c = min(len(c), max(max_len // 2, max_len - len(head) - len(p)))
+        room = max(0, max_len - len(head) - keep_c)
+        return head + (p[len(p) - room:] if room else []), c[:keep_c]
 
     def encode(self, tok, batch, max_len: int, device):
         """Right-padded [bos] prompt completion [eos]; targets: the completion and eos, IGNORE elsewhere."""
-        _, eos, pad = self._special(tok)
+        _, _, pad = self._special(tok)
         rows, targets = [], []
         for _, prompt, completion in batch:
-            p = self._prompt_ids(tok, prompt)
-            c = tok(" " + completion, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-            ids = (p + c)[:max_len]
-            rows.append(ids)
-            targets.append(([IGNORE] * len(p) + c)[:max_len])
+            p, c = self._fit(*self._pieces(tok, prompt, completion), max_len)
+            rows.append(p + c)
+            targets.append([IGNORE] * len(p) + c)
         n = max(len(r) for r in rows)
         ids = torch.tensor([r + [pad] * (n - len(r)) for r in rows], device=device)
         mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows], device=device)
@@ -187,14 +220,16 @@ class CausalLM:
 
     def loss(self, model, enc, task_ids, targets, dtype) -> torch.Tensor:
         with _autocast(task_ids.device, dtype):
-            logits = model(**enc, prefix_index=task_ids).logits.float()
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten(),
-                                                 ignore_index=IGNORE)
+            logits = model(**enc, prefix_index=task_ids, use_cache=False).logits.float()
+        tgt = targets[:, 1:]
+        if not bool((tgt != IGNORE).any()):
+            return logits.sum() * 0.0  # nothing to learn in this shard: a zero loss, not NaN
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tgt.flatten(), ignore_index=IGNORE)
 
     def score(self, model, enc, task_ids, targets, dtype) -> tuple[int, int]:
         """Teacher-forced next-token accuracy on the completion tokens."""
         with _autocast(task_ids.device, dtype):
-            pred = model(**enc, prefix_index=task_ids).logits[:, :-1].argmax(-1)
+            pred = model(**enc, prefix_index=task_ids, use_cache=False).logits[:, :-1].argmax(-1)
         tgt = targets[:, 1:]
         keep = tgt != IGNORE
         return int((pred == tgt)[keep].sum()), int(keep.sum())
@@ -203,9 +238,10 @@ class CausalLM:
         return None
 
     def predict(self, model, tok, batch, max_len: int, device, max_new_tokens: int = 32, **_) -> list[str]:
-        """Greedy completions; rows of different tasks in one left-padded batch."""
+        """Greedy completions; rows of different tasks in one left-padded batch. A prompt longer than max_len
+        keeps the bos token and its last tokens."""
         _, eos, pad = self._special(tok)
-        rows = [self._prompt_ids(tok, p)[-max_len:] for _, p, _ in batch]
+        rows = [self._fit(*self._pieces(tok, p, None), max_len)[0] for _, p, _ in batch]
         if not all(rows):
             raise ValueError("an empty prompt, and this tokenizer has no beginning-of-sequence token to start from")
         n = max(len(r) for r in rows)
@@ -217,7 +253,7 @@ class CausalLM:
         texts = []
         for row in out.tolist():
             new = row[n:]
-            new = new[:new.index(eos)] if eos is not None and eos in new else new
+            new = new[:new.index(eos)] if eos in new else new
             texts.append(tok.decode(new, skip_special_tokens=True).strip())
         return texts
 

