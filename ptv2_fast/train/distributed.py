@@ -2,10 +2,9 @@
 batch, with DDP (every process holds the whole model) or FSDP2 (``fully_shard``: each transformer block and
 the rest of the model, frozen base included, sharded over the processes; the bank and head too).
 Gradients are averaged either way, so a run over N processes follows the same trajectory as one process
-over the same global batch (up to the order of floating-point sums) for sequence classification, where every
-row is one target. Token classification and causal LM average their loss over each shard's own targets, and
-shards hold different numbers of tokens: there the N-process run weights tokens slightly differently from
-one process (as gradient accumulation does), and the trajectories are close, not equal.
+over the same global batch (up to the order of floating-point sums): the loss is summed over each shard's
+targets (rows, or tokens for token classification and causal LM) and divided by the global count, so shards
+with more tokens weigh more, as they would in one process.
 
 ``torchrun --nproc_per_node 8 -m ptv2_fast.cli train ...`` on one machine; add ``--nnodes``,
 ``--node_rank`` and ``--master_addr`` for several. ``accelerate launch`` with a shipped config
@@ -110,13 +109,13 @@ def shard(batch: list, st: DistState) -> list | None:
     return batch[st.rank::st.world]
 
 
-def mean(value: torch.Tensor, st: DistState) -> float:
-    """The mean of a scalar over the processes (the global batch's loss, for logging)."""
+def total(value: float, st: DistState) -> float:
+    """The sum of a number over the processes (target counts and loss sums of a global batch)."""
     if st.world == 1:
-        return float(value.detach())
-    v = value.detach().clone().float()
+        return float(value)
+    v = torch.tensor(float(value), dtype=torch.float64, device=st.device if st.device.type == "cuda" else "cpu")
     dist.all_reduce(v)
-    return float(v) / st.world
+    return float(v)
 
 
 def teardown(st: DistState) -> None:

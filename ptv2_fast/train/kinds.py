@@ -81,9 +81,15 @@ class SeqCls:
         mask = self.space.mask(task_ids)
         return logits.masked_fill(~(mask if logits.dim() == 2 else mask[:, None]), float("-inf"))
 
-    def loss(self, model, enc, task_ids, targets, dtype) -> torch.Tensor:
+    def loss_sum(self, model, enc, task_ids, targets, dtype) -> torch.Tensor:
+        """The summed cross-entropy over the batch's targets (the trainer divides by the global count)."""
         logits = self.logits(model, enc, task_ids, dtype)
-        return torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE,
+                                                 reduction="sum")
+
+    @staticmethod
+    def num_targets(targets: torch.Tensor) -> int:
+        return int((targets != IGNORE).sum())
 
     def score(self, model, enc, task_ids, targets, dtype) -> tuple[int, int]:
         """(right, counted) on one batch."""
@@ -218,13 +224,16 @@ class CausalLM:
         labels = torch.tensor([y + [IGNORE] * (n - len(y)) for y in targets], device=device)
         return {"input_ids": ids, "attention_mask": mask}, torch.tensor([t for t, _, _ in batch], device=device), labels
 
-    def loss(self, model, enc, task_ids, targets, dtype) -> torch.Tensor:
+    def loss_sum(self, model, enc, task_ids, targets, dtype) -> torch.Tensor:
+        """The summed next-token cross-entropy over the completion tokens (0 when a shard has none)."""
         with _autocast(task_ids.device, dtype):
             logits = model(**enc, prefix_index=task_ids, use_cache=False).logits.float()
-        tgt = targets[:, 1:]
-        if not bool((tgt != IGNORE).any()):
-            return logits.sum() * 0.0  # nothing to learn in this shard: a zero loss, not NaN
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tgt.flatten(), ignore_index=IGNORE)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten(),
+                                                 ignore_index=IGNORE, reduction="sum")
+
+    @staticmethod
+    def num_targets(targets: torch.Tensor) -> int:
+        return int((targets[:, 1:] != IGNORE).sum())
 
     def score(self, model, enc, task_ids, targets, dtype) -> tuple[int, int]:
         """Teacher-forced next-token accuracy on the completion tokens."""

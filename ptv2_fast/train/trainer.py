@@ -253,22 +253,29 @@ def train(cfg: TrainConfig, log=print) -> dict:
         seen, t0, running = 0, time.perf_counter(), None
         batches = [b for b in _batches(examples, cfg.batch_size, rng) if distributed.shard(b, st) is not None]
         opt.zero_grad(set_to_none=True)
-        for step, batch in enumerate(batches):
-            # the window of micro-batches one optimizer step averages (the last one of an epoch may be short)
-            window = min(cfg.grad_accum, len(batches) - (step // cfg.grad_accum) * cfg.grad_accum)
-            enc, task_ids, targets = kind.encode(tok, distributed.shard(batch, st), cfg.max_len, st.device)
-            loss = kind.loss(runner, enc, task_ids, targets, dtype)
-            scaler.scale(loss / window).backward()
-            if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(batches):
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-            seen += len(batch)
-            value = distributed.mean(loss, st)  # the global batch's loss
+        for w0 in range(0, len(batches), cfg.grad_accum):
+            # one optimizer step: the mean loss over every target of the window's micro-batches on every process
+            # (rows for classification, tokens otherwise), so N processes or accumulated micro-batches follow
+            # one process over the whole batch; the last window of an epoch may be short
+            window = [kind.encode(tok, distributed.shard(b, st), cfg.max_len, st.device)
+                      for b in batches[w0:w0 + cfg.grad_accum]]
+            total = max(1.0, distributed.total(sum(kind.num_targets(t) for _, _, t in window), st))
+            loss_sum = 0.0
+            for enc, task_ids, targets in window:
+                loss = kind.loss_sum(runner, enc, task_ids, targets, dtype)
+                scaler.scale(loss * (st.world / total)).backward()  # DDP / FSDP average over the processes
+                loss_sum += float(loss.detach())
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            value = distributed.total(loss_sum, st) / total  # the global window's mean loss
             running = value if running is None else 0.9 * running + 0.1 * value
+            for b in batches[w0:w0 + cfg.grad_accum]:
+                seen += len(b)
+                if bar is not None:
+                    bar.update(1)
             if bar is not None:
                 bar.set_postfix(loss=f"{running:.3f}", ex_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
-                bar.update(1)
         if bar is not None:
             bar.close()
         acc = evaluate(model, tok, kind, cfg.max_len, dtype=dtype)
