@@ -205,6 +205,28 @@ def test_shipped_launcher_configs(capsys):
         main(["configs", "nope"])
 
 
+def test_entity_f1_for_bio_tag_sets():
+    from types import SimpleNamespace
+
+    from ptv2_fast.train.kinds import IGNORE, TokenCls, is_bio, spans
+    from ptv2_fast.train.synthetic import Task
+
+    assert is_bio(["O", "B-PER", "I-PER"]) and not is_bio(["DET", "NOUN"]) and not is_bio(["O", "I-X"])
+    # conlleval's entities: B-X starts one, I-X continues one of type X, else starts one
+    assert spans(["B-PER", "I-PER", "O", "I-LOC", "I-LOC", "B-LOC", "B-PER", "I-LOC"]) == {
+        (0, 2, "PER"), (3, 5, "LOC"), (5, 6, "LOC"), (6, 7, "PER"), (7, 8, "LOC")}
+    kind = TokenCls([Task("pos", ["DET", "NOUN"], kind="token_cls"),
+                     Task("ner", ["B-PER", "I-PER", "O"], kind="token_cls")])
+    assert kind.metric_name() == "entity F1 / word accuracy" and kind.baseline(Task("n", ["O", "B-X"])) is None
+    # row 0 (pos): 2 of 3 words right; row 1 (ner, joint offset 2): gold PER[0:2], PER[3:4]; predicted PER[0:2]
+    targets = torch.tensor([[IGNORE, 0, 1, 1, IGNORE], [2, 3, 4, 2, IGNORE]])
+    pred = torch.tensor([[0, 0, 1, 0, 0], [2, 3, 4, 4, 0]])
+    logits = torch.nn.functional.one_hot(pred, 5).float()
+    model = lambda **kw: SimpleNamespace(logits=logits)  # noqa: E731
+    right, counted = kind.score(model, {}, torch.tensor([0, 1]), targets, None)
+    assert (right, counted) == (2 + 2 * 1, 3 + (2 + 1))  # words 2/3; F1 = 2*TP / (gold + predicted) = 2/3
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="patience"):
         train(TrainConfig(tasks=["sentiment"], patience=0, progress=False))

@@ -5,7 +5,8 @@ loss, the dev metric and prediction. One run trains tasks of one kind.
   space; a row of task t is scored on its task's slice only (the other logits are masked out of its softmax).
   Metric: accuracy.
 - ``token_cls``: one tag per word, the same joint tag space per token. Each word's first sub-token carries its
-  tag. Metric: word accuracy.
+  tag. Metric: entity F1 for BIO tag sets (``B-X``/``I-X``/``O``, entities as conlleval and seqeval count
+  them), word accuracy for other tag sets.
 - ``causal_lm``: a completion per prompt. The loss is the LM loss on the completion (and end-of-sequence)
   tokens; only the prefix bank trains. Metric: teacher-forced token accuracy of the dev completions;
   prediction generates.
@@ -60,6 +61,9 @@ class SeqCls:
     def num_labels(self) -> int:
         return self.space.total
 
+    def metric_name(self) -> str:
+        return "accuracy"
+
     def examples(self, split: str) -> list[tuple]:
         return [(t, x, self._joint(t, y)) for t, task in enumerate(self.tasks) for x, y in getattr(task, split)]
 
@@ -112,8 +116,35 @@ class TokenCls(SeqCls):
     name = "token_cls"
     auto_class = "AutoModelForTokenClassification"
 
+    def __init__(self, tasks):
+        super().__init__(tasks)
+        self.bio = [is_bio(t.labels) for t in tasks]
+
+    def metric_name(self) -> str:
+        kinds = {"entity F1" if b else "word accuracy" for b in self.bio}
+        return " / ".join(sorted(kinds))
+
     def _joint(self, t: int, y):
         return [self.space.offset[t] + tag for tag in y]
+
+    def score(self, model, enc, task_ids, targets, dtype) -> tuple[int, int]:
+        """(right, counted) such that right / counted is the metric: words right / words, or for BIO tasks
+        2·TP / (2·TP + FP + FN) over entities, which sums over batches like a ratio of counts."""
+        pred = self.logits(model, enc, task_ids, dtype).argmax(-1)
+        keep = targets != IGNORE
+        right = counted = 0
+        for i, t in enumerate(task_ids.tolist()):
+            gold, got = targets[i][keep[i]].tolist(), pred[i][keep[i]].tolist()
+            if not self.bio[t]:
+                right += sum(a == b for a, b in zip(gold, got))
+                counted += len(gold)
+                continue
+            names = self.tasks[t].labels
+            off = self.space.offset[t]
+            g, p = spans([names[x - off] for x in gold]), spans([names[x - off] for x in got])
+            right += 2 * len(g & p)
+            counted += len(g) + len(p)
+        return right, counted
 
     @staticmethod
     def _tokenize(tok, batch, max_len: int):
@@ -143,12 +174,23 @@ class TokenCls(SeqCls):
         return enc, torch.tensor([t for t, _, _ in batch], device=device), targets.to(device)
 
     def uncounted(self, tok, batch, max_len: int) -> int:
-        """Words cut off by max_len in a batch: they count as wrong in the dev metric."""
+        """What max_len cut off in a batch, counted as wrong in the dev metric: the cut-off words, or for BIO
+        tasks the gold entities starting in them (missed entities)."""
         enc = self._tokenize(tok, batch, max_len)
-        return sum(len(x) - sum(1 for _ in self._first_tokens(enc, i)) for i, (_, x, _) in enumerate(batch))
+        n = 0
+        for i, (t, x, y) in enumerate(batch):
+            kept = sum(1 for _ in self._first_tokens(enc, i))
+            if not self.bio[t]:
+                n += len(x) - kept
+            elif kept < len(x):
+                names = self.tasks[t].labels
+                n += sum(1 for start, _, _ in spans([names[v - self.space.offset[t]] for v in y]) if start >= kept)
+        return n
 
-    def baseline(self, task) -> float:
-        """The majority-tag rate over the dev words."""
+    def baseline(self, task) -> float | None:
+        """The majority-tag rate over the dev words (None for BIO tasks: tagging all O scores 0 F1)."""
+        if is_bio(task.labels):
+            return None
         tags = [tag for _, ys in task.dev for tag in ys]
         return max(tags.count(c) for c in range(len(task.labels))) / max(1, len(tags))
 
@@ -246,6 +288,9 @@ class CausalLM:
     def baseline(self, task) -> None:
         return None
 
+    def metric_name(self) -> str:
+        return "token accuracy"
+
     def predict(self, model, tok, batch, max_len: int, device, max_new_tokens: int = 32, **_) -> list[str]:
         """Greedy completions; rows of different tasks in one left-padded batch. A prompt longer than max_len
         keeps the bos token and its last tokens."""
@@ -265,6 +310,25 @@ class CausalLM:
             new = new[:new.index(eos)] if eos in new else new
             texts.append(tok.decode(new, skip_special_tokens=True).strip())
         return texts
+
+
+def is_bio(labels) -> bool:
+    """A BIO tag set: "O" and tags B-X / I-X, with at least one B-."""
+    return any(t.startswith("B-") for t in labels) and all(t == "O" or t[:2] in ("B-", "I-") for t in labels)
+
+
+def spans(tags: list[str]) -> set[tuple[int, int, str]]:
+    """Entities (start, end, type) of a BIO tag sequence, as conlleval counts them: an entity starts at B-X,
+    or at I-X that does not continue an entity of type X, and runs over the I-X that follow."""
+    out, start, typ = set(), None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, _, kind = tag.partition("-") if tag != "O" else ("O", "", "")
+        if prefix == "I" and start is not None and kind == typ:
+            continue
+        if start is not None:
+            out.add((start, i, typ))
+        start, typ = (i, kind) if prefix in ("B", "I") else (None, None)
+    return out
 
 
 KINDS = {k.name: k for k in (SeqCls, TokenCls, CausalLM)}

@@ -282,7 +282,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         mean = sum(acc.values()) / len(acc)
         history.append({"epoch": epoch + 1, "loss": running, "dev_accuracy": acc, "mean": mean,
                         "examples_per_s": seen / (time.perf_counter() - t0)})
-        log(f"epoch {epoch + 1}: loss {running:.4f}, dev {METRIC[kind.name]} " +
+        log(f"epoch {epoch + 1}: loss {running:.4f}, dev {kind.metric_name()} " +
             ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" (mean {mean:.3f})")
         # collective under FSDP: every process gathers
         state = (distributed.full_state(model.ptv2_prefix), distributed.full_state(head) if head is not None else None)
@@ -302,7 +302,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         (out / "ptv2_train.json").write_text(json.dumps(meta, indent=2))
     distributed.teardown(st)
     return {"best": best, "history": history, "seconds": seconds, "tasks": [t.name for t in tasks],
-            "kind": kind.name, "chance": {t.name: kind.baseline(t) for t in tasks}}
+            "kind": kind.name, "metric": kind.metric_name(), "chance": {t.name: kind.baseline(t) for t in tasks}}
 
 
 def _save_resume(out: Path, state, opt, rng, history, best, epoch, stale):
@@ -325,13 +325,10 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="step", leave=False)
 
 
-METRIC = {"seq_cls": "accuracy", "token_cls": "word accuracy", "causal_lm": "token accuracy"}
-
-
 def format_summary(result: dict) -> str:
     """The final table: each task's best dev metric next to its majority-class (or majority-tag) rate."""
-    best, kind = result["best"], result.get("kind", "seq_cls")
-    head = "dev " + METRIC[kind]
+    best = result["best"]
+    head = "dev " + result.get("metric", "accuracy")
     lines = [f"{'task':<14}{head:>20}{'majority class':>16}", "-" * 50]
     for name in result["tasks"]:
         base = result["chance"][name]
