@@ -111,24 +111,32 @@ def test_token_and_causal_lm_task_files_and_kind_checks(tmp_path):
         train(TrainConfig(tasks=["sentiment", "plural"], progress=False))
 
 
-def test_hub_datasets_load_through_the_datasets_package(monkeypatch):
-    # no network here: a stand-in for datasets.load_dataset with the same shape (splits, columns, ClassLabel)
+# No network here: stand-ins for the datasets package with the same shape (splits, columns, ClassLabel).
+class _ClassLabel:
+    def __init__(self, names):
+        self.names = names
+
+
+class _Sequence:
+    def __init__(self, feature):
+        self.feature = feature
+
+
+class _Split(list):
+    def __init__(self, rows, features):
+        super().__init__(rows)
+        self.column_names, self.features = list(rows[0]), features
+
+
+def _fake_datasets(monkeypatch, load_dataset):
     import sys
     import types
 
-    class ClassLabel:
-        def __init__(self, names):
-            self.names = names
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
 
-    class Sequence:
-        def __init__(self, feature):
-            self.feature = feature
 
-    class Split(list):
-        def __init__(self, rows, features):
-            super().__init__(rows)
-            self.column_names, self.features = list(rows[0]), features
-
+def test_hub_datasets_load_through_the_datasets_package(monkeypatch):
+    ClassLabel, Sequence, Split = _ClassLabel, _Sequence, _Split
     calls = []
 
     def load_dataset(path, config=None):
@@ -142,7 +150,7 @@ def test_hub_datasets_load_through_the_datasets_package(monkeypatch):
             return {"train": Split([{"tokens": ["a", "b"], "ner_tags": [0, 1]} for _ in range(10)], f)}
         raise ConnectionError("offline")
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    _fake_datasets(monkeypatch, load_dataset)
     sst = load_task("sst2=hf:glue:sst2")
     assert calls[-1] == ("glue", "sst2") and sst.name == "sst2" and sst.kind == "seq_cls"
     assert sst.labels == ["negative", "positive"] and len(sst.train) == 10 and sst.dev == [("v", 1)]
@@ -155,18 +163,7 @@ def test_hub_datasets_load_through_the_datasets_package(monkeypatch):
 
 
 def test_hub_rows_without_gold_labels_instruction_columns_and_bad_labels(monkeypatch):
-    import sys
-    import types
-
-    class ClassLabel:
-        def __init__(self, names):
-            self.names = names
-
-    class Split(list):
-        def __init__(self, rows, features):
-            super().__init__(rows)
-            self.column_names, self.features = list(rows[0]), features
-
+    ClassLabel, Split = _ClassLabel, _Split
     nli = {"premise": None, "sentence": None, "label": ClassLabel(["entailment", "neutral", "contradiction"])}
     data = {
         "snli": {"train": Split([{"sentence": f"s{i}", "label": i % 3 - 1} for i in range(12)], nli),
@@ -175,7 +172,7 @@ def test_hub_rows_without_gold_labels_instruction_columns_and_bad_labels(monkeyp
                                     "output": f"done {i}", "text": "unused"} for i in range(10)], {})},
         "broken": {"train": Split([{"sentence": "x", "label": 5}, {"sentence": "y", "label": 0}], nli)},
     }
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda p, c=None: data[p]))
+    _fake_datasets(monkeypatch, lambda p, c=None: data[p])
     with pytest.warns(UserWarning, match="4 rows without a gold label"):
         snli = load_task("hf:snli")
     assert len(snli.train) == 8 and snli.labels[0] == "entailment"  # SNLI's -1 rows are left out, not class 2

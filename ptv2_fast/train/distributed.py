@@ -113,7 +113,7 @@ def total(value: float, st: DistState) -> float:
     """The sum of a number over the processes (target counts and loss sums of a global batch)."""
     if st.world == 1:
         return float(value)
-    v = torch.tensor(float(value), dtype=torch.float64, device=st.device if st.device.type == "cuda" else "cpu")
+    v = torch.tensor(float(value), dtype=torch.float64, device=st.device)
     dist.all_reduce(v)
     return float(v)
 

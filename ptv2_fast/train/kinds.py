@@ -49,7 +49,14 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-class SeqCls:
+class _Kind:
+    def score_batch(self, model, tok, batch, max_len: int, device, dtype) -> tuple[int, int]:
+        """(right, counted) of the dev metric on one batch of examples."""
+        enc, task_ids, targets = self.encode(tok, batch, max_len, device)
+        return self.score(model, enc, task_ids, targets, dtype)
+
+
+class SeqCls(_Kind):
     name = "seq_cls"
     auto_class = "AutoModelForSequenceClassification"
     has_head = True
@@ -162,24 +169,31 @@ class TokenCls(SeqCls):
                 yield j, w
             prev = w
 
-    def encode(self, tok, batch, max_len: int, device):
-        """Targets [B, L]: each word's tag on its first sub-token, IGNORE elsewhere (and on cut-off words)."""
-        enc = self._tokenize(tok, batch, max_len)
-        targets = torch.full(enc["input_ids"].shape, IGNORE, dtype=torch.long)
+    def _encoded(self, be, batch, device):
+        """(model inputs, task_ids, targets [B, L]) from a tokenized batch: each word's tag on its first
+        sub-token, IGNORE elsewhere (and on cut-off words)."""
+        targets = torch.full(be["input_ids"].shape, IGNORE, dtype=torch.long)
         for i, (_, _, tags) in enumerate(batch):
             if tags is not None:
-                for j, w in self._first_tokens(enc, i):
+                for j, w in self._first_tokens(be, i):
                     targets[i, j] = tags[w]
-        enc = {k: v.to(device) for k, v in enc.items()}
+        enc = {k: v.to(device) for k, v in be.items()}
         return enc, torch.tensor([t for t, _, _ in batch], device=device), targets.to(device)
 
-    def uncounted(self, tok, batch, max_len: int) -> int:
-        """What max_len cut off in a batch, counted as wrong in the dev metric: the cut-off words, or for BIO
-        tasks the gold entities starting in them (missed entities)."""
-        enc = self._tokenize(tok, batch, max_len)
+    def encode(self, tok, batch, max_len: int, device):
+        return self._encoded(self._tokenize(tok, batch, max_len), batch, device)
+
+    def score_batch(self, model, tok, batch, max_len: int, device, dtype) -> tuple[int, int]:
+        be = self._tokenize(tok, batch, max_len)
+        right, counted = self.score(model, *self._encoded(be, batch, device), dtype)
+        return right, counted + self._cut(be, batch)
+
+    def _cut(self, be, batch) -> int:
+        """What max_len cut off in a tokenized batch, counted as wrong in the dev metric: the cut-off words, or
+        for BIO tasks the gold entities starting in them (missed entities)."""
         n = 0
         for i, (t, x, y) in enumerate(batch):
-            kept = sum(1 for _ in self._first_tokens(enc, i))
+            kept = sum(1 for _ in self._first_tokens(be, i))
             if not self.bio[t]:
                 n += len(x) - kept
             elif kept < len(x):
@@ -208,7 +222,7 @@ class TokenCls(SeqCls):
         return out
 
 
-class CausalLM:
+class CausalLM(_Kind):
     name = "causal_lm"
     auto_class = "AutoModelForCausalLM"
     has_head = False

@@ -5,9 +5,9 @@ One frozen model, one bank of per-task prefixes (``ptv2_fast.hf.patch_model``) a
 classifier over the joint label space of all tasks, so tasks with different label sets share one mixed
 batch. Only the prefix bank and the classifier train.
 
-Checkpoints (``out_dir``): ``prefix.safetensors`` (the bank), ``head.safetensors`` (the classifier),
-``peft/<task>/`` (each task's prefix as a PEFT prefix-tuning adapter; no head file for causal LM), ``ptv2_train.json`` (the run's
-settings, tasks, label names and metrics) and ``resume.pt`` with ``last_*.safetensors`` (the last epoch's
+Checkpoints (``out_dir``): ``prefix.safetensors`` (the bank), ``head.safetensors`` (the classifier; none for
+causal LM), ``peft/<task>/`` (each task's prefix as a PEFT prefix-tuning adapter), ``ptv2_train.json`` (the
+run's settings, tasks, label names and metrics) and ``resume.pt`` with ``last_*.safetensors`` (the last epoch's
 state and optimizer, for ``resume=True``). ``Predictor`` loads them for inference.
 """
 
@@ -140,18 +140,16 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @torch.no_grad()
 def evaluate(model, tok, kind, max_len: int = 64, batch_size: int = 64, dtype=None) -> dict[str, float]:
-    """Each task's dev metric: accuracy (seq_cls), word accuracy (token_cls) or completion token accuracy
-    (causal_lm); each row scored within its own task."""
+    """Each task's dev metric (``kind.metric_name()``: accuracy, entity F1 or word accuracy, completion token
+    accuracy); each row scored within its own task."""
     model.eval()
     device = next(model.parameters()).device
+    dev = kind.examples("dev")
     acc = {}
     for t, task in enumerate(kind.tasks):
         right = counted = 0
-        for batch in _batches([e for e in kind.examples("dev") if e[0] == t], batch_size, None):
-            enc, task_ids, targets = kind.encode(tok, batch, max_len, device)
-            r, c = kind.score(model, enc, task_ids, targets, dtype)
-            if hasattr(kind, "uncounted"):  # words cut off by max_len count as wrong
-                c += kind.uncounted(tok, batch, max_len)
+        for batch in _batches([e for e in dev if e[0] == t], batch_size, None):
+            r, c = kind.score_batch(model, tok, batch, max_len, device, dtype)
             right, counted = right + r, counted + c
         acc[task.name] = right / max(1, counted)
     return acc
