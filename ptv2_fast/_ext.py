@@ -11,6 +11,12 @@ Environment:
     PTV2_FAST_EXT_CACHE=DIR      cache folder (default ``$XDG_CACHE_HOME/ptv2_fast/ext`` or ``~/.cache/...``)
     PTV2_FAST_EXT_CUDA=0         leave the CUDA sources out even where torch has CUDA and nvcc is found
     PTV2_FAST_CUDA_ARCHS="8.0;9.0"  GPU archs to compile for (default 8.0 and 9.0, plus the visible GPUs')
+    PTV2_FAST_EXT_LOCK_TIMEOUT=S  seconds to wait for another process's build before giving up (default 1800)
+
+Crash safety: the library is linked under a temporary name and renamed into place only when complete,
+with its size and SHA-256 recorded beside it; a cached library that does not match its record (a kill
+mid-copy, a full disk, a damaged file) is never loaded but rebuilt. Waits on the build lock time out with
+a message naming the holder, and a lock left by a killed build never blocks a later one.
 
 Command line: ``python -m ptv2_fast._ext [--cuda|--no-cuda] [--verbose]`` builds (or finds) the library and
 prints its path and build info; CI uses it to compile and link the CUDA sources on a machine without a GPU.
@@ -31,7 +37,7 @@ from pathlib import Path
 import torch
 
 EXT_NAME = "ptv2_fast_ext"
-_ABI_TAG = 1  # bump when the build recipe changes in a way the sources do not show
+_ABI_TAG = 2  # bump when the build recipe changes in a way the sources do not show
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "error": None, "path": None}
@@ -46,7 +52,7 @@ class ExtensionBuildError(RuntimeError):
 
 
 def disabled() -> bool:
-    return os.environ.get("PTV2_FAST_DISABLE_EXT", "0") not in ("", "0")
+    return os.environ.get("PTV2_FAST_DISABLE_EXT", "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def source_dir() -> Path:
@@ -156,8 +162,19 @@ def _prebuilt() -> Path | None:
     return None
 
 
+def lock_timeout() -> float:
+    return float(os.environ.get("PTV2_FAST_EXT_LOCK_TIMEOUT", "1800"))
+
+
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def _file_lock(path: Path, timeout: float | None = None):
+    """An exclusive ``flock`` on ``path``, waited for at most ``timeout`` seconds (ExtensionBuildError then).
+
+    The kernel drops a flock when its holder dies, so a killed build never leaves this lock held; the
+    holder's pid is written into the file so that a wait can say whom it waits for."""
+    import time
+
+    timeout = lock_timeout() if timeout is None else timeout
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         try:
@@ -165,11 +182,84 @@ def _file_lock(path: Path):
         except ImportError:  # not POSIX: torch's own build baton still serialises ninja
             yield
             return
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        deadline, told = time.monotonic() + timeout, False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "another process"
+                    print(f"ptv2_fast: waiting for the extension build of {holder} (lock {path}; gives up after "
+                          f"{timeout:.0f} s, PTV2_FAST_EXT_LOCK_TIMEOUT)", file=sys.stderr, flush=True)
+                    told = True
+                if time.monotonic() >= deadline:
+                    raise ExtensionBuildError(
+                        f"timed out after {timeout:.0f} s waiting for the extension build lock {path}, held by "
+                        f"{holder}; if no build is running, delete that file") from None
+                time.sleep(0.2)
         try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {platform.node()}")
+            fh.flush()
             yield
         finally:
+            fh.seek(0)
+            fh.truncate()
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def verify(lib: Path) -> str | None:
+    """None when ``lib`` matches the size and SHA-256 recorded when it was built, else why not."""
+    rec = _record(lib)
+    try:
+        size, digest = rec.read_text().split()
+    except (OSError, ValueError):
+        return f"no valid build record {rec.name} beside it"
+    try:
+        have = lib.stat().st_size
+    except OSError as e:
+        return f"it cannot be read ({e})"
+    if have != int(size):
+        return f"it has {have} bytes, {size} were built (truncated or damaged)"
+    if _sha256(lib) != digest:
+        return "its SHA-256 differs from the one recorded at build time (damaged)"
+    return None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _install(built: Path, lib: Path) -> None:
+    """Copy the linked library to ``lib`` through a temporary name (fsync, then rename), then record it."""
+    tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
+    shutil.copyfile(built, tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    digest, size = _sha256(tmp), tmp.stat().st_size
+    _record(lib).unlink(missing_ok=True)  # no record points at a half-replaced library
+    os.replace(tmp, lib)
+    _atomic_write_text(_record(lib), f"{size} {digest}\n")
 
 
 @contextlib.contextmanager
@@ -201,8 +291,20 @@ def build(with_cuda: bool | None = None, verbose: bool = False, build_dir: Path 
     log = out_dir / "build.log"
     with _file_lock(out_dir / ".ptv2_fast.lock"):
         if lib.is_file():
-            return lib
+            problem = verify(lib)
+            if problem is None:
+                return lib
+            print(f"ptv2_fast: the cached extension {lib} is not usable ({problem}); rebuilding it",
+                  file=sys.stderr, flush=True)
+            lib.unlink(missing_ok=True)
         name = f"{EXT_NAME}_{key}"
+        # ninja links into work/ and the finished library is renamed into place, so a kill mid-link never
+        # leaves a partial file under the name that is loaded
+        work = out_dir / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        # torch's own build baton (work/lock) is waited on forever by torch when a build was killed; we hold
+        # the flock, so no other ptv2_fast build is running here and any baton left is stale
+        (work / "lock").unlink(missing_ok=True)
         cuda_flags = ["-O3", "--use_fast_math", "-DPTV2_FAST_WITH_CUDA", "-lineinfo"]
         inc = [str(source_dir())]
         home = cuda_home() if with_cuda else None
@@ -216,7 +318,7 @@ def build(with_cuda: bool | None = None, verbose: bool = False, build_dir: Path 
                 if home:
                     cpp_extension.CUDA_HOME = home
                 cpp_extension.load(
-                    name=name, sources=[str(s) for s in sources(with_cuda)], build_directory=str(out_dir),
+                    name=name, sources=[str(s) for s in sources(with_cuda)], build_directory=str(work),
                     extra_cflags=cxx_flags() + (["-DPTV2_FAST_WITH_CUDA"] if with_cuda else []),
                     extra_cuda_cflags=cuda_flags, extra_ldflags=["-fopenmp"], extra_include_paths=inc,
                     with_cuda=with_cuda, is_python_module=False, is_standalone=False, verbose=verbose)
@@ -225,13 +327,27 @@ def build(with_cuda: bool | None = None, verbose: bool = False, build_dir: Path 
             log.write_text(f"{type(e).__name__}: {e}\n")
             raise ExtensionBuildError(f"building the ptv2_fast extension failed ({type(e).__name__}); "
                                       f"compiler output in {log}", log) from e
-        built = out_dir / f"{name}.so"
+        built = work / f"{name}.so"
         if not built.is_file():
             raise ExtensionBuildError(f"the build finished but {built} is missing", log)
-        if built != lib:
-            built.replace(lib)
+        _install(built, lib)
         log.write_text(f"built {lib.name} from {len(sources(with_cuda))} sources, cuda={with_cuda}\n")
         return lib
+
+
+def _registered() -> bool:
+    try:
+        torch.ops.ptv2_fast.build_info  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _load_library(path: Path) -> None:
+    # A build in this process has already loaded its linked copy (cpp_extension.load does); loading the
+    # installed copy too would register the ops twice.
+    if not _registered():
+        torch.ops.load_library(str(path))
 
 
 def load(quiet: bool = False) -> bool:
@@ -256,7 +372,7 @@ def load(quiet: bool = False) -> bool:
                     print("ptv2_fast: building the C++ extension for this torch (first use only, about a minute)...",
                           file=sys.stderr, flush=True)
                 path = build()
-            torch.ops.load_library(str(path))
+            _load_library(path)
             from .ops import extension  # noqa: F401  (fake implementations of the C++ ops)
             _state.update(loaded=True, path=path)
         except Exception as e:
@@ -305,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"library: {path}")
     if not args.no_load:
-        torch.ops.load_library(str(path))
+        _load_library(path)
         print(f"build info: {torch.ops.ptv2_fast.build_info()}")
     return 0
 

@@ -1,0 +1,186 @@
+"""Crash, hang and code-execution scenarios: each reproduces a failure a user hit and checks its fix.
+
+Kill and crash scenarios run in subprocesses with timeouts, so a regression fails the test instead of
+hanging or crashing the suite.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptv2_fast import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _env(cache: Path) -> dict:
+    return {"PTV2_FAST_EXT_CACHE": str(cache), "PTV2_FAST_EXT_CUDA": "0", "MAX_JOBS": "2", "PYTHONPATH": str(ROOT)}
+
+
+def _fresh_build(cache: Path) -> Path:
+    res = subprocess.run([sys.executable, "-m", "ptv2_fast._ext", "--no-cuda"], env={**os.environ, **_env(cache)},
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return Path(next(ln for ln in res.stdout.splitlines() if ln.startswith("library:")).split(": ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def template_cache(tmp_path_factory):
+    """One complete CPU build in a private cache; tests copy it (ninja then finds its objects up to date)."""
+    root = tmp_path_factory.mktemp("ext-template")
+    _fresh_build(root)
+    return root
+
+
+@pytest.fixture
+def cache(template_cache, tmp_path):
+    import shutil
+
+    dst = tmp_path / "cache"
+    shutil.copytree(template_cache, dst)
+    return dst
+
+
+# -- item 1: a build killed mid-way must not make later processes hang -----------------------------------
+
+def test_lock_left_by_a_killed_build_does_not_hang_the_next(cache):
+    # torch's own build baton ("lock" in the build folder) is what a killed build leaves behind; torch waits
+    # on it forever. We hold our own flock while building, so the baton is stale and is removed.
+    key_dir = cache / _ext.build_key(False)
+    for lib in key_dir.glob("*.so*"):
+        lib.unlink()
+    (key_dir / "work" / "lock").write_text("")
+    (key_dir / ".ptv2_fast.lock").write_text("pid 999999 on a dead host")  # a flock file whose holder died
+    lib = _fresh_build(cache)  # hung forever before the fix ("waiting for lock")
+    assert lib.is_file() and _ext.verify(lib) is None
+
+
+def test_waiting_for_a_held_lock_times_out_with_a_message(tmp_path):
+    lock = tmp_path / ".ptv2_fast.lock"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, time, sys
+        fh = open({str(lock)!r}, "a+"); fcntl.flock(fh, fcntl.LOCK_EX); fh.write("pid holder"); fh.flush()
+        print("held", flush=True); time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(_ext.ExtensionBuildError, match="timed out after 1 s .*pid holder"):
+            with _ext._file_lock(lock, timeout=1.0):
+                pytest.fail("acquired a lock another process holds")
+    finally:
+        holder.kill()
+        holder.wait()
+    with _ext._file_lock(lock, timeout=5.0):  # the holder died: the kernel dropped its flock
+        pass
+
+
+@pytest.mark.slow
+def test_a_killed_first_build_leaves_a_cache_the_next_process_completes(tmp_path):
+    env = _env(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "ptv2_fast._ext", "--no-cuda"], env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    key_dir = tmp_path / _ext.build_key(False)
+    import time
+
+    deadline = time.monotonic() + 120
+    while not (key_dir / "work" / "lock").exists() and time.monotonic() < deadline:  # torch's baton: mid-build
+        time.sleep(0.1)
+    os.killpg(proc.pid, 9)  # the build and its compilers, as a kill of a terminal would
+    proc.wait()
+    assert not list(key_dir.glob("*.so")), "a killed build must leave no library under the loaded name"
+    lib = _fresh_build(tmp_path)  # must finish, not wait forever
+    assert _ext.verify(lib) is None
+
+
+# -- item 3: a truncated or corrupted cached library is rebuilt, never loaded --------------------------
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "no-record"])
+def test_damaged_cached_library_is_rebuilt_not_loaded(cache, damage):
+    lib = next((cache / _ext.build_key(False)).glob("*.so"))
+    data = lib.read_bytes()
+    if damage == "truncate":
+        lib.write_bytes(data[: len(data) // 3])
+    elif damage == "corrupt":
+        lib.write_bytes(data[:4096] + bytes(b ^ 0xFF for b in data[4096:8192]) + data[8192:])
+    else:
+        (lib.parent / (lib.name + ".sha256")).unlink()
+    assert _ext.verify(lib) is not None
+    code = """
+        import torch, ptv2_fast
+        from ptv2_fast import _ext
+        assert _ext.load(quiet=True), _ext.status()
+        q = torch.randn(1, 2, 3, 16)
+        print("backend", ptv2_fast.resolve_backend("auto", "cpu"), ptv2_fast.prefix_attention(q, q, q, q[0], q[0]).shape)
+    """
+    res = _run(code, _env(cache), timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr  # SIGBUS before the fix (returncode -7)
+    assert "backend cpp" in res.stdout
+    assert "not usable" in res.stderr and "rebuilding" in res.stderr
+    assert _ext.verify(lib) is None and lib.read_bytes() != b""
+
+
+def test_disable_switch_reads_false_as_false(monkeypatch):
+    for value, off in (("1", True), ("true", True), ("0", False), ("false", False), ("", False), ("no", False)):
+        monkeypatch.setenv("PTV2_FAST_DISABLE_EXT", value)
+        assert _ext.disabled() is off, value
+
+
+# -- item 2: --resume never executes code from resume.pt -------------------------------------------------
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_state_never_unpickles_code(tmp_path):
+    from ptv2_fast.train.trainer import load_resume_state
+
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "resume.pt"
+    torch.save({"optimizer": _Exploit(marker), "rng": None}, bad)
+    with pytest.raises(ValueError, match="nothing in it was executed"):
+        load_resume_state(bad)
+    assert not marker.exists()
+    with open(bad, "wb") as fh:  # a plain pickle, not a torch zip file
+        pickle.dump(_Exploit(marker), fh)
+    with pytest.raises(ValueError, match="cannot be resumed from"):
+        load_resume_state(bad)
+    assert not marker.exists()
+
+
+def test_resume_state_round_trips_and_rejects_foreign_dicts(tmp_path):
+    import random
+
+    from ptv2_fast.train.trainer import _save_resume, load_resume_state
+
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    rng = random.Random(5)
+    _save_resume(tmp_path, ({"w": torch.zeros(2)}, None), opt, rng, [{"epoch": 1, "mean": 0.5}],
+                 {"mean": 0.5}, 0, 0)
+    state = load_resume_state(tmp_path / "resume.pt")
+    r2 = random.Random()
+    r2.setstate(state["rng"])
+    assert r2.random() == rng.random()
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))])
+    opt2.load_state_dict(state["optimizer"])
+    assert not list(tmp_path.glob(".resume.pt.*"))  # no temporary left behind
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a ptv2_fast resume state"):
+        load_resume_state(tmp_path / "other.pt")
