@@ -186,12 +186,13 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
   check_scale(op, scale);
   const AttnInputs in = check_attention(op, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                                         key_padding_mask);
-  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty_like(q);  // q's layout where q is dense (the op's layout contract)
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   PrefixAttentionFwdParams p{};
   fill_common(p, q, k, v, prefix_k, prefix_v, in, causal, scale);
   set_dropout(op, p, dropout_p, seed, offset);
   p.out = out.data_ptr();
+  copy_strides(p.out_s, out);
   p.lse = lse.data_ptr<float>();
   switch (q.scalar_type()) {
     case at::kFloat: cpu::prefix_attention_fwd_cpu_float(p); break;
@@ -226,12 +227,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
                 ": dlse must be [B, Hq, L] on q's device, got ", dlse->sizes(), " on ", dlse->device());
     dlse_f = dlse->to(at::kFloat).contiguous();
   }
-  auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor dq = at::empty(q.sizes(), opts);
-  at::Tensor dk = at::zeros(k.sizes(), opts);  // keys no query sees keep a zero gradient
-  at::Tensor dv = at::zeros(v.sizes(), opts);
-  at::Tensor dpk = at::zeros(prefix_k.sizes(), opts);  // unused bank rows keep a zero gradient
-  at::Tensor dpv = at::zeros(prefix_v.sizes(), opts);
+  // each gradient laid out like its input (empty_like: a dense input's strides are kept)
+  at::Tensor dq = at::empty_like(q);
+  at::Tensor dk = at::zeros_like(k);  // keys no query sees keep a zero gradient
+  at::Tensor dv = at::zeros_like(v);
+  at::Tensor dpk = at::zeros_like(prefix_k);  // unused bank rows keep a zero gradient
+  at::Tensor dpv = at::zeros_like(prefix_v);
   PrefixAttentionBwdParams p{};
   fill_common(p, q, k, v, prefix_k, prefix_v, in, causal, scale);
   set_dropout(op, p, dropout_p, seed, offset);
@@ -246,6 +247,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   p.dv = dv.data_ptr();
   p.dpk = dpk.data_ptr();
   p.dpv = dpv.data_ptr();
+  copy_strides(p.dq_s, dq);
+  copy_strides(p.dk_s, dk);
+  copy_strides(p.dv_s, dv);
+  copy_strides(p.dpk_s, dpk);
+  copy_strides(p.dpv_s, dpv);
   switch (q.scalar_type()) {
     case at::kFloat: cpu::prefix_attention_bwd_cpu_float(p); break;
     case at::kBFloat16: cpu::prefix_attention_bwd_cpu_bf16(p); break;

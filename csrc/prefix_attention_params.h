@@ -22,20 +22,19 @@ struct PrefixAttentionFwdParams {
   float scale;
   float dropout_p;                   // attention dropout in [0, 1); 0 = none
   uint64_t seed, offset;             // its counter-based stream (see DropoutStream in the CPU kernel)
-  void* out;                         // [B, Hq, L, D] contiguous, dtype of q
+  void* out; int64_t out_s[4];       // [B, Hq, L, D], dtype of q, any strides (allocated like q)
   float* lse;                        // [B, Hq, L] contiguous, natural log, -inf for a row that sees no key
 };
 
 struct PrefixAttentionBwdParams : PrefixAttentionFwdParams {
   const void* dout; int64_t dout_s[4];  // [B, Hq, L, D], dtype of q
   const float* dlse;                    // [B, Hq, L] contiguous, or nullptr
-  // out / lse (inherited) are inputs here: out may be strided as dout is.
-  int64_t out_s[4];
-  void* dq;  // [B, Hq, L, D] contiguous
-  void* dk;  // [B, Hkv, S, D] contiguous
-  void* dv;  // [B, Hkv, S, D] contiguous
-  void* dpk; // [T, Hkv, P, D] contiguous: the gradient summed over the rows of each task, 0 for unused rows
-  void* dpv; // [T, Hkv, P, D] contiguous
+  // out / lse (inherited) are inputs here. Each gradient is laid out like its input (any strides).
+  void* dq;  int64_t dq_s[4];   // [B, Hq, L, D]
+  void* dk;  int64_t dk_s[4];   // [B, Hkv, S, D]
+  void* dv;  int64_t dv_s[4];   // [B, Hkv, S, D]
+  void* dpk; int64_t dpk_s[4];  // [T, Hkv, P, D]: the gradient summed over the rows of each task, 0 for unused rows
+  void* dpv; int64_t dpv_s[4];  // [T, Hkv, P, D]
 };
 
 }  // namespace ptv2_fast

@@ -6,7 +6,7 @@ import triton.language as tl
 from .common import dropout_keep
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "rng_offset"])
 def prefix_attention_dropout_mask_kernel(KEEP, dropout_p, seed, rng_offset, L, N,
                                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (B * Hq, cdiv(L, BLOCK_M), cdiv(N, BLOCK_N)); KEEP is contiguous int8 [B, Hq, L, N], N = P + S."""

@@ -17,10 +17,9 @@ import triton.language as tl
 from .common import LOG2E
 from .dropout import prefix_attention_dropout_mask_kernel
 from .prefix_attention_bwd import (
-    prefix_attention_bwd_dkdv_prefix_kernel,
-    prefix_attention_bwd_dkdv_seq_kernel,
+    prefix_attention_bwd_dkdv_kernel,
     prefix_attention_bwd_dq_kernel,
-    prefix_attention_bwd_preprocess_kernel,
+    prefix_attention_bwd_reduce_kernel,
 )
 from .prefix_attention_fwd import prefix_attention_fwd_kernel
 
@@ -103,11 +102,13 @@ def _kpm_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor):
 @_on_q_device
 def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
                          causal: bool, scale: float, dropout_p: float, seed: int, rng_offset: int):
-    """Returns (out [B, Hq, L, D] in q's dtype, lse [B, Hq, L] fp32)."""
+    """Returns (out [B, Hq, L, D] in q's dtype and layout (``torch.empty_like(q)``), lse [B, Hq, L] fp32).
+
+    One launch."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     T, P = prefix_k.shape[0], prefix_k.shape[2]
-    out = torch.empty((B, Hq, L, D), dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     if B * Hq * L == 0:
         return out, lse
@@ -131,17 +132,9 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens,
     return out, lse
 
 
-def _rows_by_task(prefix_index, B: int, T: int, device):
-    """Batch rows grouped by task: (order [B], start [T], count [T]) int32, with no host sync (CUDA-graph safe)."""
-    if prefix_index is None:
-        return (torch.arange(B, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32, device=device),
-                torch.full((1,), B, dtype=torch.int32, device=device))
-    idx = prefix_index.long().clamp(0, T - 1)  # the same clamp the forward kernel applies
-    sorted_idx, order = torch.sort(idx, stable=True)
-    tasks = torch.arange(T, device=device)
-    start = torch.searchsorted(sorted_idx, tasks)
-    count = torch.searchsorted(sorted_idx, tasks, right=True) - start
-    return order.to(torch.int32), start.to(torch.int32), count.to(torch.int32)
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _prefix_splits(B: int, T: int, Hkv: int, P: int, bn: int, device) -> int:
@@ -153,7 +146,7 @@ def _prefix_splits(B: int, T: int, Hkv: int, P: int, bn: int, device) -> int:
     if _interpreting() or device.type != "cuda":
         return 1
     programs = triton.cdiv(P, bn) * T * Hkv
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     rows_per_task = max(1, B // T)
     return max(1, min(triton.cdiv(2 * sms, max(programs, 1)), rows_per_task // 2, 16))
 
@@ -162,82 +155,80 @@ def _prefix_splits(B: int, T: int, Hkv: int, P: int, bn: int, device) -> int:
 def prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                          key_padding_mask, out, lse, causal: bool, scale: float, dropout_p: float,
                          seed: int, rng_offset: int):
-    """Returns (dq, dk, dv, dprefix_k, dprefix_v) shaped and typed like the inputs (dprefix as [T, Hkv, P, D])."""
+    """Returns (dq, dk, dv, dprefix_k, dprefix_v), each shaped, typed and laid out like its input
+    (``torch.empty_like``; dprefix as [T, Hkv, P, D]).
+
+    Two launches (dq with delta; dk/dv of sequence and prefix together), three when the prefix reduction is
+    split over batch rows (fp32 partials, then one kernel sums them in order). No other device work: rows are
+    grouped by task inside the kernel, dlse and dout are read through their strides."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     T, P = prefix_k.shape[0], prefix_k.shape[2]
     dev = q.device
-    dq = torch.empty((B, Hq, L, D), dtype=q.dtype, device=dev)
-    dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=dev)
-    dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=dev)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dpk, dpv = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
     if B * Hq * L == 0:
-        return (dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v))
+        return (dq.zero_(), dk.zero_(), dv.zero_(), dpk.zero_(), dpv.zero_())
     upcast, dot_prec, acc = _flags(q)
     bd = _block_d(D)
     group = Hq // Hkv
     drop = dropout_p > 0.0
     kpm, skpm_b, skpm_n = _kpm_arg(key_padding_mask, lse)
     seed, rng_offset = _rng(seed, rng_offset)
-
-    delta = torch.empty_like(lse)
-    if dlse is not None:
-        dlse = dlse.float().contiguous()  # [B, Hq, L]: small; autograd may hand over an expanded view
-    pre_bm = 64
-    prefix_attention_bwd_preprocess_kernel[(B * Hq, triton.cdiv(L, pre_bm))](
-        out, dout, _opt(dlse, lse), delta, *out.stride(), *dout.stride(), Hq, L, D,
-        HAS_DLSE=dlse is not None, BLOCK_M=pre_bm, BLOCK_D=bd,
-    )
+    delta = torch.empty_like(lse, memory_format=torch.contiguous_format)
+    dl = dlse if dlse is not None else lse
+    dl_strides = dl.stride() if dl.dim() == 3 else (0, 0, 0)
 
     bm, bn, warps, stages = _config("dq", L, max(S, P), D)
     prefix_attention_bwd_dq_kernel[(B * Hq, triton.cdiv(L, bm))](
         q, k, v, prefix_k, prefix_v, _opt(prefix_index, lse), _opt(prefix_lens, lse), _opt(kv_lens, lse), kpm,
-        dout, lse, delta, dq,
+        dout, out, dl, lse, delta, dq,
         scale * LOG2E, scale, dropout_p, seed, rng_offset,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
-        *dq.stride(), skpm_b, skpm_n,
+        *out.stride(), *dl_strides, *dq.stride(), skpm_b, skpm_n,
         Hq, L, S, T, P, D, group,
         HAS_PIDX=prefix_index is not None, HAS_PLENS=prefix_lens is not None,
-        HAS_KVLENS=kv_lens is not None, HAS_KPM=key_padding_mask is not None,
+        HAS_KVLENS=kv_lens is not None, HAS_KPM=key_padding_mask is not None, HAS_DLSE=dlse is not None,
         CAUSAL=causal, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec, ACC=acc,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
     )
 
-    bm, bn, warps, stages = _config("dkdv", L, S, D)
-    if S > 0:
-        prefix_attention_bwd_dkdv_seq_kernel[(B * Hkv, triton.cdiv(S, bn))](
-            q, k, v, _opt(kv_lens, lse), kpm, dout, lse, delta, dk, dv,
+    bm, bn, warps, stages = _config("dkdv", L, max(S, P), D)
+    n_pblocks, n_sblocks = triton.cdiv(P, bn), triton.cdiv(S, bn)
+    nsplit = _prefix_splits(B, T, Hkv, P, bn, dev) if P > 0 else 1
+    if dpk.stride() != dpv.stride():  # the prefix programs write both with one set of strides: go through partials
+        nsplit = max(nsplit, 1)
+        split_path = True
+    else:
+        split_path = nsplit > 1
+    if not split_path:
+        part_k, part_v = dpk, dpv
+        part_strides = (0, *dpk.stride())
+    else:
+        part_k = torch.empty((nsplit, T, Hkv, P, D), dtype=torch.float32, device=dev)
+        part_v = torch.empty((nsplit, T, Hkv, P, D), dtype=torch.float32, device=dev)
+        part_strides = part_k.stride()
+    grid = (n_pblocks * T * Hkv * nsplit + B * Hkv * n_sblocks,)
+    if grid[0] > 0:
+        prefix_attention_bwd_dkdv_kernel[grid](
+            q, k, v, prefix_k, prefix_v, _opt(prefix_index, lse), _opt(prefix_lens, lse), _opt(kv_lens, lse), kpm,
+            dout, lse, delta, dk, dv, part_k, part_v,
             scale * LOG2E, scale, dropout_p, seed, rng_offset,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-            skpm_b, skpm_n,
-            Hq, Hkv, L, S, P, D, group,
+            *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
+            *dk.stride(), *dv.stride(), *part_strides, skpm_b, skpm_n,
+            B, Hq, Hkv, L, S, T, P, D, group, nsplit, n_pblocks, max(n_sblocks, 1),
+            HAS_PIDX=prefix_index is not None, HAS_PLENS=prefix_lens is not None,
             HAS_KVLENS=kv_lens is not None, HAS_KPM=key_padding_mask is not None,
             CAUSAL=causal, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec, ACC=acc,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
         )
-
-    if P == 0:
-        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
-    bm, bn, warps, stages = _config("dkdv", L, P, D)
-    nsplit = _prefix_splits(B, T, Hkv, P, bn, dev)
-    order, start, count = _rows_by_task(prefix_index, B, T, dev)
-    if nsplit == 1:
-        dpk = torch.empty((1, T, Hkv, P, D), dtype=prefix_k.dtype, device=dev)
-        dpv = torch.empty((1, T, Hkv, P, D), dtype=prefix_v.dtype, device=dev)
-    else:
-        dpk = torch.empty((nsplit, T, Hkv, P, D), dtype=torch.float32, device=dev)
-        dpv = torch.empty((nsplit, T, Hkv, P, D), dtype=torch.float32, device=dev)
-    prefix_attention_bwd_dkdv_prefix_kernel[(triton.cdiv(P, bn), T * Hkv, nsplit)](
-        q, prefix_k, prefix_v, _opt(prefix_lens, lse), order, start, count, dout, lse, delta, dpk, dpv,
-        scale * LOG2E, scale, dropout_p, seed, rng_offset,
-        *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *dpk.stride()[:4],
-        Hq, Hkv, L, S, T, P, D, group, nsplit,
-        HAS_PLENS=prefix_lens is not None, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec, ACC=acc,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
-    )
-    if nsplit == 1:
-        return dq, dk, dv, dpk[0], dpv[0]
-    # A fixed-order sum over a handful of splits: deterministic, and far smaller than a B-fold buffer.
-    return dq, dk, dv, dpk.sum(0).to(prefix_k.dtype), dpv.sum(0).to(prefix_v.dtype)
+    if split_path and P > 0:
+        n = T * Hkv * P * D
+        block = 1024
+        prefix_attention_bwd_reduce_kernel[(triton.cdiv(n, block),)](
+            part_k, part_v, dpk, dpv, nsplit, n, *dpk.stride(), *dpv.stride(), Hkv, P, D, BLOCK=block,
+        )
+    return dq, dk, dv, dpk, dpv
 
 
 def prefix_attention_dropout_mask(B: int, Hq: int, L: int, S: int, P: int, dropout_p: float, seed: int,

@@ -8,43 +8,23 @@ r = 1 / (1 - dropout_p):
     ds_ij = p_ij (dp_ij - delta_i),      delta_i = do_i . out_i - dlse_i
     dq_i  = scale sum_j ds_ij k_j,       dk_j = scale sum_i ds_ij q_i
 
-Three kernels, none with atomics, so results are bitwise deterministic:
-  * dq:            one program per (query block, b, h), looping over the prefix then the sequence;
-  * sequence dk/dv: one program per (key block, b, hk), looping over the GROUP query heads of hk (the
-                   GQA reduction) and the query blocks that can see the key block;
-  * prefix dk/dv:  one program per (prefix block, task t, hk, split), looping over the batch rows of
-                   task t (rows pre-sorted by task), their query heads and all query blocks. The gradient
-                   of a bank row is thus reduced inside the kernel: no [B, Hkv, P, D] buffer exists.
-                   Optional splits over the rows write fp32 partials summed afterwards in a fixed order.
+At most three launches, none with atomics, so results are bitwise deterministic:
+  1. dq (+ delta): one program per (query block, b, h); it computes delta for its rows from out and do,
+     stores it for launch 2, then loops over the prefix and the sequence;
+  2. dk/dv, one launch holding two kinds of programs:
+     * prefix programs, one per (prefix block, task t, hk, split): they walk the batch rows in order,
+       keep those whose prefix_index is t (no sort, no host work), and loop over their query heads and
+       query blocks. A bank row's gradient is thus reduced inside the kernel: no [B, Hkv, P, D] buffer
+       exists. With NSPLIT > 1 each split takes an equal share of the rows and writes an fp32 partial;
+     * sequence programs, one per (key block, b, hk), looping over the GROUP query heads of hk (the GQA
+       reduction) and the query blocks that can see the key block;
+  3. only with NSPLIT > 1: the partials summed in split order and cast to the bank's dtype.
 """
 
 import triton
 import triton.language as tl
 
 from .common import LOG2E_C, dropout_keep, load_tile, row_lengths, sequence_key_end, sequence_visible
-
-
-@triton.jit
-def prefix_attention_bwd_preprocess_kernel(
-    OUT, DOUT, DLSE, DELTA,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    Hq, L, D,
-    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """delta[b, h, i] = sum_d do[b, h, i, d] * out[b, h, i, d] - dlse[b, h, i]  (fp32). Grid (B*Hq, cdiv(L, BLOCK_M))."""
-    bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = load_tile(OUT + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, L, D, True)
-    do = load_tile(DOUT + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, L, D, True)
-    delta = tl.sum(o * do, 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
-    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
 
 
 @triton.jit
@@ -59,9 +39,9 @@ def _dq_step(dq, q, do, lse2, delta, k, v, visible, keep, qk_scale, dropout_scal
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "rng_offset"])
 def prefix_attention_bwd_dq_kernel(
-    Q, K, V, PK, PV, PIDX, PLENS, KVLENS, KPM, DOUT, LSE, DELTA, DQ,
+    Q, K, V, PK, PV, PIDX, PLENS, KVLENS, KPM, DOUT, OUT, DLSE, LSE, DELTA, DQ,
     qk_scale, sm_scale, dropout_p, seed, rng_offset,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -69,14 +49,18 @@ def prefix_attention_bwd_dq_kernel(
     stride_pkt, stride_pkh, stride_pkn, stride_pkd,
     stride_pvt, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dlb, stride_dlh, stride_dlm,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_kpmb, stride_kpmn,
     Hq, L, S, T, P, D, GROUP,
     HAS_PIDX: tl.constexpr, HAS_PLENS: tl.constexpr, HAS_KVLENS: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid: (B * Hq, cdiv(L, BLOCK_M)). Writes DQ [B, Hq, L, D]."""
+    """Grid: (B * Hq, cdiv(L, BLOCK_M)). Writes DQ [B, Hq, L, D] and DELTA [B, Hq, L] (fp32) for the dk/dv
+    launch: delta_i = do_i . out_i - dlse_i, computed here from the tiles this program owns."""
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -90,8 +74,13 @@ def prefix_attention_bwd_dq_kernel(
     row_ok = offs_m < L
     q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, L, D, UPCAST)
     do = load_tile(DOUT + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, L, D, UPCAST)
+    o = load_tile(OUT + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, L, D, True)
+    delta = tl.sum(o * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        dl_ptrs = DLSE + b * stride_dlb + h * stride_dlh + offs_m.to(tl.int64) * stride_dlm
+        delta -= tl.load(dl_ptrs, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, delta, mask=row_ok)
     lse2 = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * LOG2E_C
-    delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     dropout_scale = 1.0 / (1.0 - dropout_p)
     keep = row_ok[:, None] & (offs_n0[None, :] >= 0)  # [M, N]: a loop-carried value keeps its shape
@@ -156,7 +145,8 @@ def _dkdv_query_block(dk, dv, k, v, Q, DOUT, LSE, DELTA, bh, offs_n, col0, start
 
 
 @triton.jit
-def prefix_attention_bwd_dkdv_seq_kernel(
+def _dkdv_seq_program(
+    bhk, pid_n,
     Q, K, V, KVLENS, KPM, DOUT, LSE, DELTA, DK, DV,
     qk_scale, sm_scale, dropout_p, seed, rng_offset,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -171,9 +161,7 @@ def prefix_attention_bwd_dkdv_seq_kernel(
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid: (B * Hkv, cdiv(S, BLOCK_N)). Writes DK, DV [B, Hkv, S, D] (GQA heads reduced in-program)."""
-    bhk = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """Program (b * Hkv + hk, key block pid_n). Writes DK, DV [B, Hkv, S, D] there (GQA heads reduced here)."""
     b = (bhk // Hkv).to(tl.int64)
     hk = (bhk % Hkv).to(tl.int64)
     kv_end = pid_n * 0 + S
@@ -218,27 +206,26 @@ def prefix_attention_bwd_dkdv_seq_kernel(
 
 
 @triton.jit
-def prefix_attention_bwd_dkdv_prefix_kernel(
-    Q, PK, PV, PLENS, ROW_ORDER, ROW_START, ROW_COUNT, DOUT, LSE, DELTA, DPK, DPV,
+def _dkdv_prefix_program(
+    pid_n, thk, split,
+    Q, PK, PV, PIDX, PLENS, DOUT, LSE, DELTA, DPK, DPV,
     qk_scale, sm_scale, dropout_p, seed, rng_offset,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_pkt, stride_pkh, stride_pkn, stride_pkd,
     stride_pvt, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_ds, stride_dt, stride_dh, stride_dn,
-    Hq, Hkv, L, S, T, P, D, GROUP, NSPLIT,
-    HAS_PLENS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_ds, stride_dt, stride_dh, stride_dn, stride_dd,
+    B, Hq, Hkv, L, S, T, P, D, GROUP, NSPLIT,
+    HAS_PIDX: tl.constexpr, HAS_PLENS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """Grid: (cdiv(P, BLOCK_N), T * Hkv, NSPLIT).
+    """Program (prefix block pid_n, t * Hkv + hk, split).
 
-    DPK/DPV are [NSPLIT, T, Hkv, P, D] with unit stride over D (the caller sums the split axis when
-    NSPLIT > 1). The rows of task t are ROW_ORDER[ROW_START[t] : ROW_START[t] + ROW_COUNT[t]]; split s
-    takes an equal contiguous share of them. Unused bank rows and columns past prefix_lens[t] get 0.
+    DPK/DPV are [NSPLIT, T, Hkv, P, D] (strides given; NSPLIT > 1 gives fp32 partials summed by launch 3).
+    Split s walks batch rows [s * share, (s + 1) * share) in order and keeps those of task t (the clamped
+    prefix_index, as the forward reads it). Unused bank rows and columns past prefix_lens[t] get 0.
     """
-    pid_n = tl.program_id(0)
-    thk = tl.program_id(1)
-    split = tl.program_id(2)
     t = thk // Hkv
     hk = (thk % Hkv).to(tl.int64)
     plen = t * 0 + P
@@ -254,16 +241,19 @@ def prefix_attention_bwd_dkdv_prefix_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dropout_scale = 1.0 / (1.0 - dropout_p)
 
-    row_start = tl.load(ROW_START + t)
-    row_count = tl.load(ROW_COUNT + t)
-    share = (row_count + NSPLIT - 1) // NSPLIT
-    r_begin = row_start + tl.minimum(split * share, row_count)
-    r_end = row_start + tl.minimum((split + 1) * share, row_count)
+    share = (B + NSPLIT - 1) // NSPLIT
+    r_begin = tl.minimum(split * share, B)
+    r_end = tl.minimum((split + 1) * share, B)
     # A block past the task's prefix length is visible to no query: gradient 0 without visiting any row.
     r_end = tl.where(pid_n * BLOCK_N >= plen, r_begin, r_end)
+    zero64 = r_begin.to(tl.int64) * 0  # the loop variable may be a plain int (interpreter): widen through a tensor
     for r in range(r_begin, r_end):
-        b = tl.load(ROW_ORDER + r).to(tl.int64)
-        for g in range(0, GROUP):
+        b = zero64 + r
+        row_task = t * 0
+        if HAS_PIDX:
+            row_task = tl.minimum(tl.maximum(tl.load(PIDX + b), 0), T - 1).to(tl.int32)
+        n_groups = tl.where(row_task == t, GROUP, 0)  # a row of another task contributes nothing
+        for g in range(0, n_groups):
             h = hk * GROUP + g
             bh = (b * Hq + h).to(tl.int32)
             q_base = Q + b * stride_qb + h * stride_qh
@@ -277,6 +267,88 @@ def prefix_attention_bwd_dkdv_prefix_kernel(
 
     mask = (offs_n[:, None] < P) & (offs_d[None, :] < D)
     base = split.to(tl.int64) * stride_ds + t64 * stride_dt + hk * stride_dh
-    offs = base + offs_n.to(tl.int64)[:, None] * stride_dn + offs_d[None, :]
+    offs = base + offs_n.to(tl.int64)[:, None] * stride_dn + offs_d.to(tl.int64)[None, :] * stride_dd
     tl.store(DPK + offs, (dk * sm_scale).to(DPK.dtype.element_ty), mask=mask)
     tl.store(DPV + offs, dv.to(DPV.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed", "rng_offset"])
+def prefix_attention_bwd_dkdv_kernel(
+    Q, K, V, PK, PV, PIDX, PLENS, KVLENS, KPM, DOUT, LSE, DELTA, DK, DV, DPK, DPV,
+    qk_scale, sm_scale, dropout_p, seed, rng_offset,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_ds, stride_dt, stride_dh, stride_dn, stride_dd,
+    stride_kpmb, stride_kpmn,
+    B, Hq, Hkv, L, S, T, P, D, GROUP, NSPLIT, N_PREFIX_BLOCKS, N_SEQ_BLOCKS,
+    HAS_PIDX: tl.constexpr, HAS_PLENS: tl.constexpr, HAS_KVLENS: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid: (N_PREFIX_BLOCKS * T * Hkv * NSPLIT + B * Hkv * N_SEQ_BLOCKS,): the prefix programs first
+    (they run longest: every row of a task), then the sequence programs. One launch for both gradients."""
+    pid = tl.program_id(0)
+    n_prefix = N_PREFIX_BLOCKS * T * Hkv * NSPLIT
+    if pid < n_prefix:
+        pid_n = pid % N_PREFIX_BLOCKS
+        rest = pid // N_PREFIX_BLOCKS
+        _dkdv_prefix_program(
+            pid_n, rest % (T * Hkv), rest // (T * Hkv),
+            Q, PK, PV, PIDX, PLENS, DOUT, LSE, DELTA, DPK, DPV,
+            qk_scale, sm_scale, dropout_p, seed, rng_offset,
+            stride_qb, stride_qh, stride_qm, stride_qd,
+            stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+            stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+            stride_dob, stride_doh, stride_dom, stride_dod,
+            stride_ds, stride_dt, stride_dh, stride_dn, stride_dd,
+            B, Hq, Hkv, L, S, T, P, D, GROUP, NSPLIT,
+            HAS_PIDX, HAS_PLENS, DROPOUT, UPCAST, DOT_PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        pid_s = pid - n_prefix
+        _dkdv_seq_program(
+            pid_s // N_SEQ_BLOCKS, pid_s % N_SEQ_BLOCKS,
+            Q, K, V, KVLENS, KPM, DOUT, LSE, DELTA, DK, DV,
+            qk_scale, sm_scale, dropout_p, seed, rng_offset,
+            stride_qb, stride_qh, stride_qm, stride_qd,
+            stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd,
+            stride_dob, stride_doh, stride_dom, stride_dod,
+            stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+            stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+            stride_kpmb, stride_kpmn,
+            Hq, Hkv, L, S, P, D, GROUP,
+            HAS_KVLENS, HAS_KPM, CAUSAL, DROPOUT, UPCAST, DOT_PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def prefix_attention_bwd_reduce_kernel(
+    PART_K, PART_V, DPK, DPV, NSPLIT, N,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    Hkv, P, D,
+    BLOCK: tl.constexpr,
+):
+    """Grid: (cdiv(N, BLOCK),), N = T * Hkv * P * D. DPK/DPV[...] = sum over s = 0..NSPLIT-1 of PART_*[s, ...]
+    (contiguous fp32 [NSPLIT, T, Hkv, P, D]), summed in split order (deterministic), cast to DPK's dtype and
+    stored through each output's own strides."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    acc_k = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, NSPLIT):
+        acc_k += tl.load(PART_K + s * N + offs, mask=ok, other=0.0)
+        acc_v += tl.load(PART_V + s * N + offs, mask=ok, other=0.0)
+    d = offs % D
+    n = (offs // D) % P
+    h = (offs // (D * P)) % Hkv
+    t = offs // (D * P * Hkv)
+    dst_k = t * stride_pkt + h * stride_pkh + n * stride_pkn + d * stride_pkd
+    dst_v = t * stride_pvt + h * stride_pvh + n * stride_pvn + d * stride_pvd
+    tl.store(DPK + dst_k, acc_k.to(DPK.dtype.element_ty), mask=ok)
+    tl.store(DPV + dst_v, acc_v.to(DPV.dtype.element_ty), mask=ok)

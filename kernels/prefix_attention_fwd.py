@@ -37,7 +37,7 @@ def _online_softmax_step(acc, l_i, m_i, s, v, keep, dropout_scale,
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "rng_offset"])
 def prefix_attention_fwd_kernel(
     Q, K, V, PK, PV, PIDX, PLENS, KVLENS, KPM, OUT, LSE,
     qk_scale, dropout_p, seed, rng_offset,

@@ -6,7 +6,6 @@ import torch
 
 from .ops import backends, checks
 from .ops.prefix_attention import prefix_attention_op
-from .reference import as_bank
 
 
 def draw_rng_key() -> torch.Tensor:
@@ -22,7 +21,7 @@ def resolve_backend(backend: str, device, dtype=None, dropout_p: float = 0.0) ->
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
                      key_padding_mask=None, causal=False, scale=None, dropout_p=0.0, return_lse=False,
-                     backend="auto"):
+                     backend="auto", check_values=True):
     """Attention over ``[prefix ; sequence]`` keys/values without materialising the concatenation.
 
     Args:
@@ -43,22 +42,33 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_l
             use, or the reference for float64 or when the extension cannot be built), "triton", "cpp" (CPU)
             or "reference". "cuda" is refused: CUDA's native kernel is the decode op. Each backend draws its
             own dropout stream (reproducible per seed, replayed in its backward).
+        check_values: range-check the values of ``prefix_index``, ``prefix_lens`` and ``kv_lens`` (default).
+            On a GPU this reads them back once per new (or modified) tensor: one host sync. Pass False when
+            they were validated already (a patched Hugging Face model validates once per forward, not per
+            layer); the kernels clamp every index anyway, so bad values then select wrong rows but never
+            read outside a tensor.
 
     Returns:
-        out [B, Hq, L, D] in q's dtype, or (out, lse) with ``return_lse``. A query that sees no key at
-        all gets out = 0 and lse = -inf, never NaN. Gradients flow to q, k, v, prefix_k and prefix_v; the
-        bank's gradient sums the rows that share a task and is 0 for unused rows. Deterministic;
-        first-order only (a second backward raises).
+        out [B, Hq, L, D] in q's dtype, or (out, lse) with ``return_lse``. ``out`` has q's memory layout
+        when q is dense (``torch.empty_like(q)``): for q = x.view(B, L, Hq, D).transpose(1, 2),
+        ``out.transpose(1, 2)`` is contiguous, so Hugging Face's reshape after attention copies nothing.
+        A query that sees no key at all gets out = 0 and lse = -inf, never NaN. Gradients flow to q, k, v,
+        prefix_k and prefix_v (each gradient in its input's layout); the bank's gradient sums the rows that
+        share a task and is 0 for unused rows. Deterministic; first-order only (a second backward raises).
     """
-    pk, pv = as_bank(prefix_k), as_bank(prefix_v)
-    checks.check_shapes(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask, dropout_p, scale)
-    name = backends.resolve(backend, q.device, q.dtype, float(dropout_p))
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    dropout_p = float(dropout_p)
+    pk = prefix_k if getattr(prefix_k, "ndim", 0) != 3 else prefix_k.unsqueeze(0)
+    pv = prefix_v if getattr(prefix_v, "ndim", 0) != 3 else prefix_v.unsqueeze(0)
+    if type(dropout_p) is not float:
+        dropout_p = float(dropout_p) if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) \
+            else dropout_p
+    if not checks.shapes_ok(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask, dropout_p,
+                            scale if scale is None or type(scale) is float else float(scale)):
+        checks.check_shapes(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask, dropout_p, scale)
+    name = backends.resolve(backend, q.device, q.dtype, dropout_p)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     rng_key = draw_rng_key() if dropout_p > 0.0 else None
-    # Index/length values are range-checked inside the op (on real tensors, also under torch.compile).
     out, lse = prefix_attention_op(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask,
-                                   bool(causal), scale, dropout_p, rng_key, name)
+                                   bool(causal), scale, dropout_p, rng_key, name, bool(check_values))
     return (out, lse) if return_lse else out
 
 

@@ -69,7 +69,8 @@ def record(dtype, D, dropout):
     idx, plens = torch.tensor([2, 0, 2]), torch.tensor([P, 5, 7])
     kvl, kpm = torch.tensor([S, 9, 0]), torch.rand(B, S, generator=g) > 0.5
     p = 0.1 if dropout else 0.0
-    for kv_lens, mask, causal in ((kvl, None, True), (None, kpm, False)):
+    for kv_lens, mask, causal, splits in ((kvl, None, True, "1"), (None, kpm, False, "2")):
+        os.environ["PTV2_FAST_PREFIX_SPLITS"] = splits  # the second pass takes the split path (+ reduce kernel)
         out, lse = launch.prefix_attention_fwd(q, k, v, pk, pv, idx, plens, kv_lens, mask, causal, D ** -0.5, p, 7, 3)
         launch.prefix_attention_bwd(torch.randn_like(q), torch.randn_like(lse), q, k, v, pk, pv, idx, plens, kv_lens,
                                     mask, out, lse, causal, D ** -0.5, p, 7, 3)

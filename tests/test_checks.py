@@ -149,7 +149,7 @@ def test_value_checks_are_cached_per_tensor_version_and_bounds():
 
     idx = torch.tensor([0, 2])
     checks.check_values(idx, None, None, T=3, P=4, S=5)
-    assert checks._checked.get(idx) == (idx._version, 0, 2)
+    assert getattr(idx, checks._TAG) == (idx._version, 0, 2)
     idx[1] = 5  # an in-place change bumps the version: checked again, and caught
     with pytest.raises(ValueError, match="prefix_index"):
         checks.check_values(idx, None, None, T=3, P=4, S=5)

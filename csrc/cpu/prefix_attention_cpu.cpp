@@ -99,11 +99,17 @@ void load_rows(float* __restrict dst, int64_t ld, const T* src, int64_t rows, in
 
 inline int64_t padded(int64_t D) { return (D + 15) / 16 * 16; }
 
-// dst[r, :D] = scale * src[r, :D] for r < rows (src pitch ld, dst contiguous).
+// dst[r * rs + c * cs] = scale * src[r, c] for r < rows, c < D (src pitch ld; dst any strides).
 template <typename T>
-void store_rows(T* dst, const float* src, int64_t rows, int64_t D, int64_t ld, float scale) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < D; ++c) dst[r * D + c] = narrow<T>(src[r * ld + c] * scale);
+void store_rows(T* dst, int64_t rs, int64_t cs, const float* src, int64_t rows, int64_t D, int64_t ld, float scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* d = dst + r * rs;
+    if (cs == 1) {
+      for (int64_t c = 0; c < D; ++c) d[c] = narrow<T>(src[r * ld + c] * scale);
+    } else {
+      for (int64_t c = 0; c < D; ++c) d[c * cs] = narrow<T>(src[r * ld + c] * scale);
+    }
+  }
 }
 
 // kt[c, j] = k[j, c] for j < nk, 0 for nk <= j < BK (so a padded key scores 0 and is masked after).
@@ -398,12 +404,12 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
       for (int64_t j0 = 0; j0 < ri.plen; j0 += BK) run_tile(true, j0, std::min(BK, ri.plen - j0));
       for (int64_t j0 = 0; j0 < ri.seq_end; j0 += BK) run_tile(false, j0, std::min(BK, ri.seq_end - j0));
 
-      T* out = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.L + c0) * D;
+      T* out = static_cast<T*>(p.out) + b * p.out_s[0] + h * p.out_s[1] + c0 * p.out_s[2];
       float* lse = p.lse + (b * p.Hq + h) * p.L + c0;
       for (int64_t r = 0; r < MC; ++r) {
         const bool empty = l[r] == 0.0f;
         const float inv = empty ? 0.0f : 1.0f / l[r];
-        for (int64_t d = 0; d < D; ++d) out[r * D + d] = narrow<T>(acc[r * Dp + d] * inv);
+        store_rows(out + r * p.out_s[2], 0, p.out_s[3], acc.data() + r * Dp, 1, D, Dp, inv);
         lse[r] = empty ? NEG_INF : (m[r] + std::log2(l[r])) * LN2;
       }
     }
@@ -516,17 +522,17 @@ void backward_impl(const PrefixAttentionBwdParams& p) {
           }
         }
         if (!prefix) {
-          T* dkb = static_cast<T*>(p.dk) + ((b * p.Hkv + hk) * p.S + j0) * D;
-          T* dvb = static_cast<T*>(p.dv) + ((b * p.Hkv + hk) * p.S + j0) * D;
-          store_rows(dkb, dk.data(), nk, D, Dp, p.scale);
-          store_rows(dvb, dv.data(), nk, D, Dp, 1.0f);
+          T* dkb = static_cast<T*>(p.dk) + b * p.dk_s[0] + hk * p.dk_s[1] + j0 * p.dk_s[2];
+          T* dvb = static_cast<T*>(p.dv) + b * p.dv_s[0] + hk * p.dv_s[1] + j0 * p.dv_s[2];
+          store_rows(dkb, p.dk_s[2], p.dk_s[3], dk.data(), nk, D, Dp, p.scale);
+          store_rows(dvb, p.dv_s[2], p.dv_s[3], dv.data(), nk, D, Dp, 1.0f);
         }
       };
       for (int64_t j0 = 0; j0 < ri.plen; j0 += BK) run_tile(true, j0, std::min(BK, ri.plen - j0));
       for (int64_t j0 = 0; j0 < ri.seq_end; j0 += BK) run_tile(false, j0, std::min(BK, ri.seq_end - j0));
       for (int64_t g = 0; g < G; ++g) {
-        T* dqb = static_cast<T*>(p.dq) + (b * p.Hq + hk * G + g) * L * D;
-        store_rows(dqb, dq.data() + g * L * Dp, L, D, Dp, p.scale);
+        T* dqb = static_cast<T*>(p.dq) + b * p.dq_s[0] + (hk * G + g) * p.dq_s[1];
+        store_rows(dqb, p.dq_s[2], p.dq_s[3], dq.data() + g * L * Dp, L, D, Dp, p.scale);
       }
     }
   });
@@ -566,10 +572,10 @@ void backward_impl(const PrefixAttentionBwdParams& p) {
           }
         }
       }
-      T* dkb = static_cast<T*>(p.dpk) + ((t * p.Hkv + hk) * p.P + j0) * D;
-      T* dvb = static_cast<T*>(p.dpv) + ((t * p.Hkv + hk) * p.P + j0) * D;
-      store_rows(dkb, dk.data(), nk, D, Dp, p.scale);
-      store_rows(dvb, dv.data(), nk, D, Dp, 1.0f);
+      T* dkb = static_cast<T*>(p.dpk) + t * p.dpk_s[0] + hk * p.dpk_s[1] + j0 * p.dpk_s[2];
+      T* dvb = static_cast<T*>(p.dpv) + t * p.dpv_s[0] + hk * p.dpv_s[1] + j0 * p.dpv_s[2];
+      store_rows(dkb, p.dpk_s[2], p.dpk_s[3], dk.data(), nk, D, Dp, p.scale);
+      store_rows(dvb, p.dpv_s[2], p.dpv_s[3], dv.data(), nk, D, Dp, 1.0f);
     }
   });
 }

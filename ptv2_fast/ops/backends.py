@@ -132,15 +132,16 @@ def _rows(x, sl):
 def ref_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
             causal, scale, dropout_p, seed, rng_offset):
     mask = _ref_dropout_mask(q, k.shape[2], prefix_k.shape[2], dropout_p, seed, rng_offset)
-    outs, lses = [], []
+    out = torch.empty_like(q)  # the layout contract of every backend; chunks are written into it
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     for sl in _row_chunks(q, k.shape[2], prefix_k.shape[2], live_tensors=3):
-        out, lse = reference.prefix_attention_ref(
+        o, l_ = reference.prefix_attention_ref(
             q[sl], k[sl], v[sl], prefix_k, prefix_v, _rows(prefix_index, sl), prefix_lens=prefix_lens,
             kv_lens=_rows(kv_lens, sl), key_padding_mask=_rows(key_padding_mask, sl), causal=causal, scale=scale,
             dropout_mask=_rows(mask, sl), dropout_p=dropout_p, return_lse=True, compute_dtype=_cdt(q))
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs).contiguous(), torch.cat(lses).float().contiguous()
+        out[sl] = o
+        lse[sl] = l_
+    return out, lse
 
 
 def ref_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
@@ -151,16 +152,16 @@ def ref_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, 
     cdt = _cdt(q)
     dpk = torch.zeros(prefix_k.shape, dtype=cdt, device=q.device)
     dpv = torch.zeros(prefix_v.shape, dtype=cdt, device=q.device)
-    dqs, dks, dvs = [], [], []
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for sl in _row_chunks(q, S, P, live_tensors=6):
-        dq, dk, dv = _ref_bwd_rows(dout[sl], _rows(dlse, sl), q[sl], k[sl], v[sl], prefix_k, prefix_v,
-                                   _rows(prefix_index, sl), prefix_lens, _rows(kv_lens, sl),
-                                   _rows(key_padding_mask, sl), out[sl], lse[sl], causal, scale, dropout_p,
-                                   _rows(mask, sl), dpk, dpv)
-        dqs.append(dq)
-        dks.append(dk)
-        dvs.append(dv)
-    return (torch.cat(dqs), torch.cat(dks), torch.cat(dvs), dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype))
+        dq[sl], dk[sl], dv[sl] = _ref_bwd_rows(
+            dout[sl], _rows(dlse, sl), q[sl], k[sl], v[sl], prefix_k, prefix_v, _rows(prefix_index, sl), prefix_lens,
+            _rows(kv_lens, sl), _rows(key_padding_mask, sl), out[sl], lse[sl], causal, scale, dropout_p,
+            _rows(mask, sl), dpk, dpv)
+    gk, gv = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
+    gk.copy_(dpk)
+    gv.copy_(dpv)
+    return dq, dk, dv, gk, gv
 
 
 def _ref_bwd_rows(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,

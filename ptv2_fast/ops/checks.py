@@ -7,7 +7,6 @@ they mention.
 from __future__ import annotations
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -30,9 +29,54 @@ def _check_int_vector(name: str, x, n: int, n_name: str, device):
     _need(x.device == device, lambda: f"{name} is on {x.device} but q is on {device}")
 
 
+_Tensor = torch.Tensor
+_FLOAT_DTYPES = frozenset(SUPPORTED_DTYPES)
+_INT_DTYPE_SET = frozenset(_INT_DTYPES)
+
+
+def _vec_ok(x, n: int, device) -> bool:
+    return x is None or (type(x) is _Tensor and x.dtype in _INT_DTYPE_SET and x.dim() == 1 and x.shape[0] == n
+                         and x.device == device)
+
+
+def shapes_ok(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, dropout_p,
+              scale) -> bool:
+    """True when every static check of ``check_shapes`` passes: the cheap path of a valid call (one
+    expression, a few attribute reads; no message is built). False says: run ``check_shapes`` for the error."""
+    try:
+        qs, ks, pks = q.shape, k.shape, prefix_k.shape
+        dev, dt = q.device, q.dtype
+        if not (len(qs) == 4 and len(ks) == 4 and len(pks) == 4 and v.shape == ks and prefix_v.shape == pks
+                and dt in _FLOAT_DTYPES and k.dtype is dt and v.dtype is dt and prefix_k.dtype is dt
+                and prefix_v.dtype is dt and k.device == dev and v.device == dev and prefix_k.device == dev
+                and prefix_v.device == dev):
+            return False
+        B, Hq, _, D = qs
+        _, Hkv, S, _ = ks
+        T = pks[0]
+        if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM and ks[0] == B and ks[3] == D and Hkv > 0 and Hq % Hkv == 0
+                and pks[1] == Hkv and pks[3] == D and T >= 1 and (prefix_index is not None or T == 1)
+                and _vec_ok(prefix_index, B, dev) and _vec_ok(prefix_lens, T, dev) and _vec_ok(kv_lens, B, dev)
+                and type(dropout_p) is float and 0.0 <= dropout_p < 1.0
+                and (scale is None or (type(scale) is float and 0.0 < scale < float("inf")))):
+            return False
+        if key_padding_mask is not None:
+            kpm = key_padding_mask
+            return (kv_lens is None and type(kpm) is _Tensor and kpm.dtype is torch.bool and kpm.dim() == 2
+                    and kpm.shape[0] == B and kpm.shape[1] == S and kpm.device == dev)
+        return True
+    except (AttributeError, TypeError, ValueError):  # non-tensors and other oddities: the slow path says what
+        return False
+
+
 def check_shapes(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
                  dropout_p: float, scale) -> None:
-    """Static checks (no device sync): types, ranks, shapes, dtypes, devices, head dim, dropout_p, scale."""
+    """Static checks (no device sync): types, ranks, shapes, dtypes, devices, head dim, dropout_p, scale.
+
+    A valid call costs one ``shapes_ok`` expression; the detailed checks below run only to name what is wrong."""
+    if shapes_ok(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, dropout_p,
+                 scale):
+        return
     names = ("q", "k", "v", "prefix_k", "prefix_v")
     for name, x in zip(names, (q, k, v, prefix_k, prefix_v)):
         _need(isinstance(x, torch.Tensor),
@@ -83,9 +127,28 @@ def check_shapes(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens
               lambda: f"scale must be a positive finite float or None, got {scale!r}")
 
 
-# Tensors already found in range, with the version and bounds they were checked at. A model passes the
-# same prefix_index / kv_lens to every layer: only the first layer pays the device-to-host sync.
-_checked = WeakIdKeyDictionary()  # keyed by identity: tensors compare elementwise
+def check_backward(dout, dlse, out, lse, q) -> None:
+    """The backward's own inputs: dout like out [B, Hq, L, D] in q's dtype; dlse None or like lse [B, Hq, L]."""
+    for name, x, like, dtype in (("dout", dout, out, q.dtype), ("out", out, q, q.dtype),
+                                 ("lse", lse, None, torch.float32), ("dlse", dlse, None, None)):
+        if x is None and name == "dlse":
+            continue
+        want = tuple(q.shape) if like is not None else tuple(q.shape[:3])
+        _need(isinstance(x, torch.Tensor), lambda name=name: f"{name} must be a torch.Tensor", TypeError)
+        _need(tuple(x.shape) == want, lambda name=name, x=x, want=want:
+              f"{name} must have shape {list(want)}, got {list(x.shape)}")
+        _need(x.device == q.device, lambda name=name, x=x: f"{name} is on {x.device} but q is on {q.device}")
+        _need(dtype is None or x.dtype == dtype, lambda name=name, x=x, dtype=dtype:
+              f"{name} must have dtype {dtype}, got {x.dtype}", TypeError)
+        _need(x.is_floating_point(), lambda name=name, x=x: f"{name} must be a float tensor, got {x.dtype}", TypeError)
+
+
+# A tensor found in range is tagged with the version and bounds it was checked at (a Python attribute on the
+# tensor: cheap to read, gone with the tensor). A model passes the same prefix_index / kv_lens to every layer:
+# only the first layer pays the device-to-host sync. Writes that bypass the version counter (``.data``,
+# ``.numpy()``) are not seen: the kernels still clamp every index, so such a write can select a wrong row,
+# never read outside a tensor.
+_TAG = "_ptv2_fast_checked"
 
 
 def _needs_check(x, lo: int, hi: int) -> bool:
@@ -93,22 +156,25 @@ def _needs_check(x, lo: int, hi: int) -> bool:
         return False
     if x.is_inference():  # inference tensors have no version counter: always check
         return True
-    return _checked.get(x) != (x._version, lo, hi)
+    return getattr(x, _TAG, None) != (x._version, lo, hi)
 
 
 def check_values(prefix_index, prefix_lens, kv_lens, T: int, P: int, S: int) -> None:
     """Range checks on index/length tensors: at most one host sync for all of them together, and none
     for a tensor already checked against the same bounds and not modified since."""
-    todo = [(x, lo, hi, msg) for x, lo, hi, msg in (
-        (prefix_index, 0, T - 1, f"prefix_index has values outside [0, T) = [0, {T})"),
-        (prefix_lens, 0, P, f"prefix_lens has values outside [0, P] = [0, {P}]"),
-        (kv_lens, 0, S, f"kv_lens has values outside [0, S] = [0, {S}]"),
-    ) if _needs_check(x, lo, hi)]
-    if not todo:
+    a = _needs_check(prefix_index, 0, T - 1)
+    b = _needs_check(prefix_lens, 0, P)
+    c = _needs_check(kv_lens, 0, S)
+    if not (a or b or c):
         return
+    todo = [(x, lo, hi, msg) for need, x, lo, hi, msg in (
+        (a, prefix_index, 0, T - 1, f"prefix_index has values outside [0, T) = [0, {T})"),
+        (b, prefix_lens, 0, P, f"prefix_lens has values outside [0, P] = [0, {P}]"),
+        (c, kv_lens, 0, S, f"kv_lens has values outside [0, S] = [0, {S}]"),
+    ) if need]
     bad = torch.stack([(x < lo).any() | (x > hi).any() for x, lo, hi, _ in todo]).cpu().tolist()
     for is_bad, (x, lo, hi, msg) in zip(bad, todo):
         if is_bad:
             raise ValueError(msg)
         if not x.is_inference():
-            _checked[x] = (x._version, lo, hi)
+            setattr(x, _TAG, (x._version, lo, hi))

@@ -13,13 +13,13 @@ import torch
 def _fwd_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
               dropout_p=0.0, seed=0, offset=0):
     B, Hq, L, D = q.shape
-    return q.new_empty((B, Hq, L, D)), q.new_empty((B, Hq, L), dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty((B, Hq, L), dtype=torch.float32)  # out laid out like q
 
 
 @torch.library.register_fake("ptv2_fast::prefix_attention_bwd")
 def _bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, out,
               lse, causal, scale, dropout_p=0.0, seed=0, offset=0):
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, prefix_k, prefix_v))
+    return tuple(torch.empty_like(x) for x in (q, k, v, prefix_k, prefix_v))  # each gradient laid out like its input
 
 
 @torch.library.register_fake("ptv2_fast::prefix_decode_attention")

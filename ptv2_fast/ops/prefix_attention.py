@@ -1,8 +1,15 @@
-"""``torch.ops.ptv2_fast.prefix_attention``: the custom op, its fake (meta) implementation and its autograd.
+"""``torch.ops.ptv2_fast.prefix_attention`` / ``prefix_attention_backward``: the raw ops, their fakes, and the
+``autograd.Function`` that makes them differentiable.
 
-The op takes the bank already in [T, Hkv, P, D] form and a concrete backend name; argument handling and
-static validation live in the public ``ptv2_fast.prefix_attention``. Index/length values are range-checked
-here, inside the op, because only here are they real tensors also under torch.compile.
+Layering for a low per-call cost (pytorch/pytorch#176592): the raw ops are defined with ``torch.library``
+(define + impl per device + ``register_fake``), which dispatches in C++ and is what ``torch.compile`` and
+``opcheck`` see; autograd lives in ``PrefixAttentionFunction`` outside them, far cheaper per eager call than
+``custom_op`` with ``register_autograd``. The raw ops are not differentiable themselves: call
+``ptv2_fast.prefix_attention`` (or ``PrefixAttentionFunction.apply``) for gradients.
+
+The raw forward takes the bank already as [T, Hkv, P, D] and a concrete backend name. It checks what its
+schema promises (shapes, dtypes, devices, ``dropout_p``; cheap, no sync) and, when ``check_values`` is
+true, the index/length values (one host sync for a tensor not checked before; see ``checks.check_values``).
 """
 
 from __future__ import annotations
@@ -12,9 +19,21 @@ from torch import Tensor
 
 from . import backends, checks
 
+_lib = torch.library.Library("ptv2_fast", "FRAGMENT")
+_lib.define(
+    "prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? prefix_index, "
+    "Tensor? prefix_lens, Tensor? kv_lens, Tensor? key_padding_mask, bool causal, float scale, float dropout_p, "
+    "Tensor? rng_key, str backend, bool check_values=True) -> (Tensor, Tensor)")
+_lib.define(
+    "prefix_attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
+    "Tensor prefix_v, Tensor? prefix_index, Tensor? prefix_lens, Tensor? kv_lens, Tensor? key_padding_mask, "
+    "Tensor out, Tensor lse, bool causal, float scale, float dropout_p, Tensor? rng_key, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
 
 def _rng(rng_key: Tensor | None) -> tuple[int, int]:
-    # The dropout key (seed, offset) travels as a CPU tensor so torch.compile keeps the draw in its graph.
+    # The dropout key (seed, offset) travels as a CPU tensor so torch.compile keeps the draw in its graph;
+    # reading it is a host read, never a device sync.
     if rng_key is None:
         return 0, 0
     if rng_key.device.type != "cpu" or rng_key.dtype != torch.int64 or tuple(rng_key.shape) != (2,):
@@ -29,65 +48,129 @@ def _capturing(q: Tensor) -> bool:
     return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-@torch.library.custom_op("ptv2_fast::prefix_attention", mutates_args=())
-def prefix_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
-    prefix_index: Tensor | None, prefix_lens: Tensor | None, kv_lens: Tensor | None,
-    key_padding_mask: Tensor | None, causal: bool, scale: float, dropout_p: float,
-    rng_key: Tensor | None, backend: str,
-) -> tuple[Tensor, Tensor]:
-    """out [B, Hq, L, D] (q's dtype), lse [B, Hq, L] float32. ``rng_key``: int64 [2] (seed, offset) on the CPU."""
-    if not _capturing(q):  # during CUDA-graph capture the kernels' clamping is the only guard
-        checks.check_values(prefix_index, prefix_lens, kv_lens, prefix_k.shape[0], prefix_k.shape[2], k.shape[2])
+def _fwd_impl(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
+              dropout_p, rng_key, backend, check_values=True):
+    """out [B, Hq, L, D] (q's dtype, q's memory layout where the backend can), lse [B, Hq, L] float32."""
+    if backend not in backends.FWD:
+        raise ValueError(f"backend must be one of {tuple(backends.FWD)} for the raw op, got {backend!r}")
+    if backend == "cpp":
+        # The C++ op checks shapes and (on the CPU, where it is free) index ranges itself; when it refuses,
+        # the Python checks run to raise the same exception, naming the argument, as the other backends.
+        try:
+            return backends.cpp_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
+                                    key_padding_mask, causal, scale, dropout_p, *_rng(rng_key))
+        except RuntimeError:
+            _check_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, scale,
+                       dropout_p, True)
+            raise
+    _check_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, scale, dropout_p,
+               check_values)
     return backends.FWD[backend](q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                                  key_padding_mask, causal, scale, dropout_p, *_rng(rng_key))
 
 
-@prefix_attention_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
-      dropout_p, rng_key, backend):
-    B, Hq, L, D = q.shape
-    return q.new_empty((B, Hq, L, D)), q.new_empty((B, Hq, L), dtype=torch.float32)
+def _check_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, scale, dropout_p,
+               check_values):
+    checks.check_shapes(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                        dropout_p, scale)
+    if check_values and not _capturing(q):  # during CUDA-graph capture the kernels' clamping is the guard
+        checks.check_values(prefix_index, prefix_lens, kv_lens, prefix_k.shape[0], prefix_k.shape[2], k.shape[2])
 
 
-@torch.library.custom_op("ptv2_fast::prefix_attention_backward", mutates_args=())
-def prefix_attention_backward_op(
-    dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
-    prefix_index: Tensor | None, prefix_lens: Tensor | None, kv_lens: Tensor | None,
-    key_padding_mask: Tensor | None, out: Tensor, lse: Tensor, causal: bool, scale: float,
-    dropout_p: float, rng_key: Tensor | None, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bwd_impl(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, out,
+              lse, causal, scale, dropout_p, rng_key, backend):
     """(dq, dk, dv, dprefix_k, dprefix_v), each shaped and typed like its input. Not differentiable again."""
+    if backend not in backends.BWD:
+        raise ValueError(f"backend must be one of {tuple(backends.BWD)} for the raw op, got {backend!r}")
+    if backend != "cpp":
+        checks.check_shapes(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                            dropout_p, scale)
+        checks.check_backward(dout, dlse, out, lse, q)
     grads = backends.BWD[backend](dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                                   key_padding_mask, out, lse, causal, scale, dropout_p, *_rng(rng_key))
-    # A custom op's outputs may not alias each other or its inputs.
-    return tuple(g.contiguous() if g._base is None else g.clone() for g in grads)
+    # An op's outputs may not alias each other or its inputs.
+    return tuple(g if g._base is None else g.clone() for g in grads)
 
 
-@prefix_attention_backward_op.register_fake
+for _key in ("CPU", "CUDA"):
+    _lib.impl("prefix_attention", _fwd_impl, _key)
+    _lib.impl("prefix_attention_backward", _bwd_impl, _key)
+
+
+# Output layouts: out and each gradient are allocated like their input (``torch.empty_like``: a dense input's
+# strides are kept, e.g. q as a [B, L, Hq, D] tensor seen as [B, Hq, L, D] gives out in that layout, which is
+# what Hugging Face consumes without a copy); every backend follows this, and so do the fakes.
+@torch.library.register_fake("ptv2_fast::prefix_attention")
+def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
+      dropout_p, rng_key, backend, check_values=True):
+    B, Hq, L, D = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, L), dtype=torch.float32)
+
+
+@torch.library.register_fake("ptv2_fast::prefix_attention_backward")
 def _(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, out, lse,
       causal, scale, dropout_p, rng_key, backend):
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, prefix_k, prefix_v))
+    return tuple(torch.empty_like(x) for x in (q, k, v, prefix_k, prefix_v))
 
 
-_TENSOR_ARGS = 9  # q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask
+_fwd_op = torch.ops.ptv2_fast.prefix_attention.default
+_bwd_op = torch.ops.ptv2_fast.prefix_attention_backward.default
 
 
-def _setup_context(ctx, inputs, output):
-    causal, scale, dropout_p, rng_key, backend = inputs[_TENSOR_ARGS:]
-    ctx.save_for_backward(*inputs[:_TENSOR_ARGS], *output, rng_key)
-    ctx.params = (causal, scale, dropout_p, backend)
-    ctx.set_materialize_grads(False)
+class PrefixAttentionFunction(torch.autograd.Function):
+    """Differentiable prefix attention over the raw ops: ``apply`` takes the raw forward's arguments.
+
+    Returns (out, lse); gradients flow to q, k, v, prefix_k and prefix_v (first order only).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal,
+                scale, dropout_p, rng_key, backend, check_values):
+        out, lse = _fwd_op(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                           causal, scale, dropout_p, rng_key, backend, check_values)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                              out, lse, rng_key)
+        ctx.params = (causal, scale, dropout_p, backend)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, pk, pv, pidx, plens, kvl, kpm, out, lse, rng_key = ctx.saved_tensors
+        causal, scale, dropout_p, backend = ctx.params
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dpk, dpv = _bwd_op(dout, dlse, q, k, v, pk, pv, pidx, plens, kvl, kpm, out, lse, causal, scale,
+                                       dropout_p, rng_key, backend)
+        return (dq, dk, dv, dpk, dpv) + (None,) * 10
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, pk, pv, pidx, plens, kvl, kpm, out, lse, rng_key = ctx.saved_tensors
-    causal, scale, dropout_p, backend = ctx.params
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv, dpk, dpv = prefix_attention_backward_op(
-        dout, dlse, q, k, v, pk, pv, pidx, plens, kvl, kpm, out, lse, causal, scale, dropout_p, rng_key, backend)
-    return (dq, dk, dv, dpk, dpv) + (None,) * 9
+def _needs_autograd(q, k, v, prefix_k, prefix_v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or prefix_k.requires_grad or prefix_v.requires_grad)
 
 
-prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
+def _autograd_kernel(q, k, v, prefix_k, prefix_v, *rest):
+    # The raw forward stays differentiable for direct ``torch.ops`` callers; below autograd it runs the impl.
+    if _needs_autograd(q, k, v, prefix_k, prefix_v):
+        if len(rest) == 9:  # check_values left at its schema default
+            rest = (*rest, True)
+        return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, *rest)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _fwd_op(q, k, v, prefix_k, prefix_v, *rest)
+
+
+_lib.impl("prefix_attention", _autograd_kernel, "Autograd")
+_lib.impl("prefix_attention_backward", torch.library.fallthrough_kernel, "Autograd")  # first order only
+
+
+def prefix_attention_op(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal,
+                        scale, dropout_p, rng_key, backend, check_values=True):
+    """(out, lse), differentiable when any float input requires grad (else the raw op, no autograd node)."""
+    if _needs_autograd(q, k, v, prefix_k, prefix_v):
+        return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
+                                             key_padding_mask, causal, scale, dropout_p, rng_key, backend,
+                                             check_values)
+    return _fwd_op(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal,
+                   scale, dropout_p, rng_key, backend, check_values)
