@@ -415,7 +415,7 @@ def test_more_bad_inputs():
                                                              prefix_lens=torch.tensor([4, 2])))
     ids, _ = inputs(2, 5, "none")
     for bad in ([0, 2], [-1, 0]):
-        with pytest.raises(ValueError, match=r"prefix_index values must be in \[0, 2\)"):
+        with pytest.raises(ValueError, match=r"prefix_index has values outside \[0, T\) = \[0, 2\)"):
             model(input_ids=ids, prefix_index=torch.tensor(bad))
     with pytest.raises(ValueError, match="int tensor"):
         model(input_ids=ids, prefix_index=torch.tensor([0.0, 1.0]))

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace ptv2_fast {
@@ -33,6 +34,16 @@ constexpr int64_t BK = 128;  // keys per tile; the transposed key tile has this 
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// Scratch memory that is written before it is read: no zero fill on allocation (at tiny shapes, filling
+// fixed-size tiles cost more than the maths).
+struct Scratch {
+  std::unique_ptr<float[]> buf;
+  explicit Scratch(int64_t n) : buf(new float[static_cast<size_t>(std::max<int64_t>(n, 1))]) {}
+  float* data() { return buf.get(); }
+  const float* data() const { return buf.get(); }
+  float& operator[](int64_t i) { return buf[static_cast<size_t>(i)]; }
+};
 
 inline float widen(float x) { return x; }
 inline float widen(c10::BFloat16 x) { return static_cast<float>(x); }
@@ -112,12 +123,14 @@ void store_rows(T* dst, int64_t rs, int64_t cs, const float* src, int64_t rows, 
   }
 }
 
-// kt[c, j] = k[j, c] for j < nk, 0 for nk <= j < BK (so a padded key scores 0 and is masked after).
+// kt[c, j] = k[j, c] for j < nk, 0 for nk <= j < width16(nk) (a padded key scores 0 and is masked after;
+// the products read no column past width16(nk)).
 void transpose_tile(float* __restrict kt, const float* __restrict k, int64_t nk, int64_t D) {
+  const int64_t nw = (nk + 15) / 16 * 16;
   for (int64_t c = 0; c < D; ++c) {
     float* row = kt + c * BK;
     for (int64_t j = 0; j < nk; ++j) row[j] = k[j * D + c];
-    for (int64_t j = nk; j < BK; ++j) row[j] = 0.0f;
+    for (int64_t j = nk; j < nw; ++j) row[j] = 0.0f;
   }
 }
 
@@ -137,6 +150,7 @@ inline void gemm_a_bt_rows(float* __restrict s, const float* __restrict a, const
     const float* b = bt + c * BK;
     for (int r = 0; r < R; ++r) {
       const float x = a[r * D + c];
+#pragma omp simd  // over the N key columns: without it GCC vectorises across c and shuffles every step
       for (int j = 0; j < N; ++j) acc[r][j] += x * b[j];
     }
   }
@@ -317,7 +331,7 @@ RowInfo row_info(const PrefixAttentionFwdParams& p, int64_t b) {
 
 // Scratch of one key tile: rows, transpose, values, transposed values.
 struct KeyTile {
-  std::vector<float> k, kt, v, vt;
+  Scratch k, kt, v, vt;
   explicit KeyTile(int64_t D) : k(BK * D), kt(D * BK), v(BK * D), vt(D * BK) {}
 };
 
@@ -349,8 +363,9 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
   const int64_t D = p.D, Dp = padded(D), G = p.Hq / p.Hkv, n_qc = (p.L + QC - 1) / QC;
   const float qk_scale = p.scale * LOG2E;  // scores in base 2
   const DropoutStream drop(p);
+  const int64_t QCL = std::min(QC, p.L);  // scratch rows: a short query block needs no 256-row buffers
   at::parallel_for(0, p.B * p.Hq * n_qc, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(QC * Dp), s(BQ * BK), acc(QC * Dp), m(QC), l(QC);
+    Scratch q(QCL * Dp), s(BQ * BK), acc(QCL * Dp), m(QCL), l(QCL);
     float w[BK];
     KeyTile tile(Dp);
     for (int64_t task = begin; task < end; ++task) {
@@ -359,9 +374,9 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
       const RowInfo ri = row_info(p, b);
       load_rows(q.data(), Dp, static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1] + c0 * p.q_s[2], MC,
                 p.q_s[2], p.q_s[3], D);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m.begin(), m.end(), NEG_INF);
-      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(acc.data(), acc.data() + MC * Dp, 0.0f);
+      std::fill(m.data(), m.data() + MC, NEG_INF);
+      std::fill(l.data(), l.data() + MC, 0.0f);
 
       auto run_tile = [&](bool prefix, int64_t j0, int64_t nk) {
         TileMask mask{prefix, j0, nk, p.kpm ? p.kpm + b * p.kpm_s[0] : nullptr, p.kpm_s[1], p.causal, p.S - p.L};
@@ -423,7 +438,7 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
 // probabilities pr = exp(s - lse) (0 where hidden) and ds = pr * (dout . v - delta), both [M, nw]
 // (nw = the tile's key count rounded up to 16; pitch BK).
 struct BwdTileMath {
-  std::vector<float> pr, ds;
+  Scratch pr, ds;
   float w[BK];
   BwdTileMath() : pr(BQ * BK), ds(BQ * BK) {}
 
@@ -471,7 +486,7 @@ void backward_impl(const PrefixAttentionBwdParams& p) {
 
   // Phase 1: one task per (b, hk): dq of the G query heads over all keys, and dk/dv of row b's sequence.
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(G * L * Dp), dout(G * L * Dp), dq(G * L * Dp), dk(BK * Dp), dv(BK * Dp), o(D);
+    Scratch q(G * L * Dp), dout(G * L * Dp), dq(G * L * Dp), dk(BK * Dp), dv(BK * Dp), o(D);
     KeyTile tile(Dp);
     BwdTileMath math;
     for (int64_t task = begin; task < end; ++task) {
@@ -495,14 +510,14 @@ void backward_impl(const PrefixAttentionBwdParams& p) {
           lse2_all[row0 + i] = empty ? NEG_INF : lse * LOG2E;
         }
       }
-      std::fill(dq.begin(), dq.end(), 0.0f);
+      std::fill(dq.data(), dq.data() + G * L * Dp, 0.0f);
 
       auto run_tile = [&](bool prefix, int64_t j0, int64_t nk) {
         TileMask mask{prefix, j0, nk, p.kpm ? p.kpm + b * p.kpm_s[0] : nullptr, p.kpm_s[1], p.causal, p.S - L};
         load_key_tile<T>(tile, p, prefix, prefix ? ri.task : b, hk, j0, nk, true);
         if (!prefix) {
-          std::fill(dk.begin(), dk.end(), 0.0f);
-          std::fill(dv.begin(), dv.end(), 0.0f);
+          std::fill(dk.data(), dk.data() + nk * Dp, 0.0f);
+          std::fill(dv.data(), dv.data() + nk * Dp, 0.0f);
         }
         for (int64_t g = 0; g < G; ++g) {
           const int64_t row0 = (b * p.Hq + hk * G + g) * L;
@@ -543,7 +558,7 @@ void backward_impl(const PrefixAttentionBwdParams& p) {
   for (int64_t b = 0; b < p.B; ++b) rows[row_info(p, b).task].push_back(b);
   const int64_t n_kt = (p.P + BK - 1) / BK;
   at::parallel_for(0, p.T * p.Hkv * n_kt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(BQ * Dp), dout(BQ * Dp), dk(BK * Dp), dv(BK * Dp);
+    Scratch q(BQ * Dp), dout(BQ * Dp), dk(BK * Dp), dv(BK * Dp);
     KeyTile tile(Dp);
     BwdTileMath math;
     for (int64_t task = begin; task < end; ++task) {
@@ -553,8 +568,8 @@ void backward_impl(const PrefixAttentionBwdParams& p) {
       const int64_t nk = std::min(BK, plen - j0);
       const TileMask mask{true, j0, nk, nullptr, 0, false, 0};
       load_key_tile<T>(tile, p, true, t, hk, j0, nk, true);
-      std::fill(dk.begin(), dk.end(), 0.0f);
-      std::fill(dv.begin(), dv.end(), 0.0f);
+      std::fill(dk.data(), dk.data() + nk * Dp, 0.0f);
+      std::fill(dv.data(), dv.data() + nk * Dp, 0.0f);
       for (int64_t b : rows[t]) {
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = hk * G + g, row0 = (b * p.Hq + h) * L;

@@ -8,7 +8,7 @@ function would make transformers skip mask creation and silently drop padding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,14 +23,29 @@ LAYER_ATTR = "_ptv2_fast_layer"
 class PrefixContext:
     """What one forward of a patched model passes to its attention layers (as a keyword argument).
 
-    bank: [layers, 2, T, Hkv, P, D], any float dtype (each layer casts its slice to the queries' dtype);
-    prefix_index: [B] or None (T == 1); prefix_lens: [T] or None; backend: the ``prefix_attention`` backend.
+    bank: [layers, 2, T, Hkv, P, D], any float dtype; prefix_index: [B] or None (T == 1), its values already
+    validated (layers do not check them again: no per-layer sync); prefix_lens: [T] or None, validated too;
+    backend: the ``prefix_attention`` backend.
     """
 
     bank: torch.Tensor
     prefix_index: torch.Tensor | None
     prefix_lens: torch.Tensor | None
     backend: str = "auto"
+    _views: dict = field(default_factory=dict, repr=False)
+
+    def layer(self, idx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prefix_k, prefix_v) [T, Hkv, P, D] of layer ``idx`` in ``dtype``.
+
+        The bank is cast once per forward and dtype (not once per layer) and split into per-layer views by
+        one ``unbind``, whose backward stacks the layers' gradients in one copy; slicing the bank per layer
+        instead would zero-fill a bank-sized gradient in every layer's backward.
+        """
+        views = self._views.get(dtype)
+        if views is None:
+            bank = self.bank
+            views = self._views[dtype] = bank.to(dtype).flatten(0, 1).unbind(0)
+        return views[2 * idx], views[2 * idx + 1]
 
 
 def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -44,7 +59,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     for feature in ("softcap", "s_aux", "sinks"):
         if kwargs.get(feature) is not None:
             raise NotImplementedError(f"ptv2_fast attention does not implement {feature!r}")
-    pk, pv = ctx.bank[layer, 0], ctx.bank[layer, 1]
+    pk, pv = ctx.layer(layer, query.dtype)
     window = kwargs.get("sliding_window")
     if window is not None and pk.shape[2] + key.shape[2] > window:
         raise NotImplementedError(
@@ -56,9 +71,11 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
             "2D padding mask [batch, keys] (custom 4D masks are not supported)")
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", False) if causal is None else causal
+    # index values were validated once for the whole forward (_make_context): no per-layer host sync.
+    # out comes laid out like query, which HF made from [B, L, Hq, D]: the transpose is contiguous, no copy.
     out = _api.prefix_attention(
-        query, key, value, pk.to(query.dtype), pv.to(query.dtype), ctx.prefix_index, prefix_lens=ctx.prefix_lens,
-        key_padding_mask=attention_mask, causal=bool(causal), scale=scaling, dropout_p=dropout, backend=ctx.backend)
+        query, key, value, pk, pv, ctx.prefix_index, prefix_lens=ctx.prefix_lens, key_padding_mask=attention_mask,
+        causal=bool(causal), scale=scaling, dropout_p=dropout, backend=ctx.backend, check_values=False)
     return out.transpose(1, 2), None
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..ops import checks
 from . import attention as hf_attention
 from .models import UnsupportedModelError, geometry, resolve_path, spec_for
 from .prefix_encoder import PrefixEncoder
@@ -230,16 +231,19 @@ def _make_context(state: _Patch, prefix_index, batch: int, device):
         if prefix_index.dim() != 1 or prefix_index.shape[0] != batch or prefix_index.is_floating_point():
             raise ValueError(f"prefix_index must be a [batch] int tensor with batch={batch}, "
                              f"got {prefix_index.dtype} of shape {list(prefix_index.shape)}")
-        if (lens is not None or per_sample) and T is not None and prefix_index.numel():
-            # indexed here before the op's own checks: validate first (one host sync)
-            lo, hi = int(prefix_index.min()), int(prefix_index.max())
-            if lo < 0 or hi >= T:
-                raise ValueError(f"prefix_index values must be in [0, {T}), got values in [{lo}, {hi}]")
+        if prefix_index.dtype not in (torch.int32, torch.int64):
+            prefix_index = prefix_index.long()
     elif per_sample or (lens is not None and state.shift_positions):
         if T is not None and T > 1:
             raise ValueError(f"the prefix bank has {T} tasks: pass prefix_index=[batch] to select each row's task")
         prefix_index = torch.zeros(batch, dtype=torch.long, device=device)
+    # The one range check of this forward (at most one host sync; none for an index tensor checked before and
+    # unchanged): the layers then skip theirs. prefix_lens were checked when the encoder was built.
+    if prefix_index is not None and T is not None:
+        checks.check_values(prefix_index, None, None, T, 0, 0)
     bank = source(prefix_index) if per_sample else source()
+    if prefix_index is not None and T is None:
+        checks.check_values(prefix_index, None, None, bank.shape[2], 0, 0)
     if bank.shape[2] > 1 and prefix_index is None:
         raise ValueError(f"the prefix bank has {bank.shape[2]} tasks: pass prefix_index=[batch] to select "
                          "each row's task")

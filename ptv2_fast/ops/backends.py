@@ -35,12 +35,23 @@ def _interpreting() -> bool:
 EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _extension_ops():
+def _require_extension():
     from .. import _ext
 
     if not _ext.load():
         raise BackendUnavailable(f"the C++ extension is unavailable: {_ext.status()['error']}")
-    return torch.ops.ptv2_fast
+
+
+_ext_ops = None
+
+
+def _extension_ops():
+    """torch.ops.ptv2_fast once the extension is loaded (remembered: the kernels' hot path asks every call)."""
+    global _ext_ops
+    if _ext_ops is None:
+        _require_extension()
+        _ext_ops = torch.ops.ptv2_fast
+    return _ext_ops
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None, dropout_p: float = 0.0) -> str:
@@ -91,7 +102,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None
         if dtype is not None and dtype not in EXT_DTYPES:
             raise BackendUnavailable(f"backend='cpp' supports float32, float16 and bfloat16, got {dtype} "
                                      "(use backend='reference')")
-        _extension_ops()
+        _require_extension()
         return "cpp"
     return "reference"
 
@@ -210,13 +221,13 @@ def triton_bwd(*args):
 
 def cpp_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
             dropout_p, seed, rng_offset):
-    return _extension_ops().prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
+    return _extension_ops().prefix_attention_fwd.default(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                                                  key_padding_mask, causal, scale, dropout_p, seed, rng_offset)
 
 
 def cpp_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, out, lse,
             causal, scale, dropout_p, seed, rng_offset):
-    return _extension_ops().prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens,
+    return _extension_ops().prefix_attention_bwd.default(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens,
                                                  kv_lens, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
                                                  rng_offset)
 

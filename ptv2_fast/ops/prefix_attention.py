@@ -115,6 +115,17 @@ def _(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_len
 
 _fwd_op = torch.ops.ptv2_fast.prefix_attention.default
 _bwd_op = torch.ops.ptv2_fast.prefix_attention_backward.default
+_compiling = torch.compiler.is_compiling
+
+
+def _forward(*args):
+    # Eager calls run the implementation directly: the registered op (what torch.compile and opcheck see)
+    # would only add two dispatcher round trips through Python. Traced calls go through the op.
+    return _fwd_op(*args) if _compiling() else _fwd_impl(*args)
+
+
+def _backward(*args):
+    return _bwd_op(*args) if _compiling() else _bwd_impl(*args)
 
 
 class PrefixAttentionFunction(torch.autograd.Function):
@@ -126,8 +137,8 @@ class PrefixAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal,
                 scale, dropout_p, rng_key, backend, check_values):
-        out, lse = _fwd_op(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
-                           causal, scale, dropout_p, rng_key, backend, check_values)
+        out, lse = _forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                            causal, scale, dropout_p, rng_key, backend, check_values)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
                               out, lse, rng_key)
         ctx.params = (causal, scale, dropout_p, backend)
@@ -135,13 +146,15 @@ class PrefixAttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
+        if torch.is_grad_enabled():  # backward(create_graph=True): its gradients would silently lack a graph
+            raise RuntimeError("ptv2_fast.prefix_attention is differentiable once: backward with create_graph=True "
+                               "(double backward, gradient penalties) is not supported")
         q, k, v, pk, pv, pidx, plens, kvl, kpm, out, lse, rng_key = ctx.saved_tensors
         causal, scale, dropout_p, backend = ctx.params
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv, dpk, dpv = _bwd_op(dout, dlse, q, k, v, pk, pv, pidx, plens, kvl, kpm, out, lse, causal, scale,
+        dq, dk, dv, dpk, dpv = _backward(dout, dlse, q, k, v, pk, pv, pidx, plens, kvl, kpm, out, lse, causal, scale,
                                        dropout_p, rng_key, backend)
         return (dq, dk, dv, dpk, dpv) + (None,) * 10
 
@@ -172,5 +185,5 @@ def prefix_attention_op(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, 
         return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                                              key_padding_mask, causal, scale, dropout_p, rng_key, backend,
                                              check_values)
-    return _fwd_op(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal,
-                   scale, dropout_p, rng_key, backend, check_values)
+    return _forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal,
+                    scale, dropout_p, rng_key, backend, check_values)
