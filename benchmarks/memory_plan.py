@@ -135,7 +135,8 @@ def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
 
 
 def _reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
-                                key_padding_mask=None, causal=False, scale=None, dropout_p=0.0, backend="auto"):
+                                key_padding_mask=None, causal=False, scale=None, dropout_p=0.0, backend="auto",
+                                check_values=True):
     from ptv2_fast.reference import as_bank
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale

@@ -11,7 +11,9 @@ from .ops.prefix_attention import prefix_attention_op
 def draw_rng_key() -> torch.Tensor:
     """The dropout key (seed, offset), int64 [2] on the CPU, drawn from torch's default CPU generator:
     ``torch.manual_seed`` makes dropout reproducible, and no GPU sync is needed."""
-    return torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
+    key = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
+    key._ptv2_fast_host = True  # read on the host by design: host-cost counters do not call it a device sync
+    return key
 
 
 def resolve_backend(backend: str, device, dtype=None, dropout_p: float = 0.0) -> str:
@@ -61,9 +63,11 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_l
     if type(dropout_p) is not float:
         dropout_p = float(dropout_p) if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) \
             else dropout_p
-    if not checks.shapes_ok(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask, dropout_p,
-                            scale if scale is None or type(scale) is float else float(scale)):
+    if not isinstance(q, torch.Tensor) or type(dropout_p) is not float or not 0.0 <= dropout_p < 1.0 or \
+            (scale is not None and type(scale) is not float):  # raises naming the argument (or accepts an int scale)
         checks.check_shapes(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask, dropout_p, scale)
+    # Shapes, dtypes and devices are checked once, by the backend's raw op (in C++ for the C++ extension;
+    # the same messages either way), not here as well.
     name = backends.resolve(backend, q.device, q.dtype, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     rng_key = draw_rng_key() if dropout_p > 0.0 else None

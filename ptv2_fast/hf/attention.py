@@ -32,6 +32,7 @@ class PrefixContext:
     prefix_index: torch.Tensor | None
     prefix_lens: torch.Tensor | None
     backend: str = "auto"
+    values_checked: bool = True  # False under torch.compile: each layer's op checks at run time
     _views: dict = field(default_factory=dict, repr=False)
 
     def layer(self, idx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +76,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     # out comes laid out like query, which HF made from [B, L, Hq, D]: the transpose is contiguous, no copy.
     out = _api.prefix_attention(
         query, key, value, pk, pv, ctx.prefix_index, prefix_lens=ctx.prefix_lens, key_padding_mask=attention_mask,
-        causal=bool(causal), scale=scaling, dropout_p=dropout, backend=ctx.backend, check_values=False)
+        causal=bool(causal), scale=scaling, dropout_p=dropout, backend=ctx.backend,
+        check_values=not ctx.values_checked)
     return out.transpose(1, 2), None
 
 

@@ -44,6 +44,9 @@ class _Patch:
     originals: dict = field(default_factory=dict)   # instance attributes forward/generate replaced (None: none)
     shift: object = None      # the position shift the pre-hook adds in the current call: None, int or [B] tensor
     fixed: tuple | None = None  # (context, shift) while generate() runs: one bank for every step
+    # the modules that can checkpoint (transformers enables it only on modules whose class defines the flag),
+    # found once at patch time: walking every module in every training forward cost more than a layer
+    ckpt_modules: list = field(default_factory=list)
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -137,6 +140,7 @@ def patch_model(model: nn.Module, prefix: nn.Module | None = None, *, num_tasks:
                 if param.requires_grad and not head:
                     param.requires_grad_(False)
                     state.frozen.append(param)
+        state.ckpt_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         handle = position_module.register_forward_pre_hook(functools.partial(_shift_hook, state), with_kwargs=True)
         state.hooks.append((position_module, handle.id))
         model.add_module("ptv2_prefix", prefix)
@@ -239,10 +243,12 @@ def _make_context(state: _Patch, prefix_index, batch: int, device):
         prefix_index = torch.zeros(batch, dtype=torch.long, device=device)
     # The one range check of this forward (at most one host sync; none for an index tensor checked before and
     # unchanged): the layers then skip theirs. prefix_lens were checked when the encoder was built.
-    if prefix_index is not None and T is not None:
+    # Under torch.compile the values are unknown while tracing: the layers' ops check them at run time instead.
+    checked = not torch.compiler.is_compiling()
+    if prefix_index is not None and T is not None and checked:
         checks.check_values(prefix_index, None, None, T, 0, 0)
     bank = source(prefix_index) if per_sample else source()
-    if prefix_index is not None and T is None:
+    if prefix_index is not None and T is None and checked:
         checks.check_values(prefix_index, None, None, bank.shape[2], 0, 0)
     if bank.shape[2] > 1 and prefix_index is None:
         raise ValueError(f"the prefix bank has {bank.shape[2]} tasks: pass prefix_index=[batch] to select "
@@ -254,7 +260,7 @@ def _make_context(state: _Patch, prefix_index, batch: int, device):
         lens = None if lens is None else lens.to(device)[prefix_index.long()]
         prefix_index = torch.arange(batch, device=device)
     # the bank stays in its own dtype: each layer casts its slice (no whole-bank copy per forward)
-    return hf_attention.PrefixContext(bank, prefix_index, lens, state.backend), shift
+    return hf_attention.PrefixContext(bank, prefix_index, lens, state.backend, checked), shift
 
 
 def _fit_batch(ctx, shift, batch: int):
@@ -265,7 +271,8 @@ def _fit_batch(ctx, shift, batch: int):
     if batch % n:
         raise ValueError(f"generate() expanded {n} rows to {batch}, not a multiple")
     rep = batch // n
-    ctx = hf_attention.PrefixContext(ctx.bank, ctx.prefix_index.repeat_interleave(rep), ctx.prefix_lens, ctx.backend)
+    ctx = hf_attention.PrefixContext(ctx.bank, ctx.prefix_index.repeat_interleave(rep), ctx.prefix_lens, ctx.backend,
+                                     ctx.values_checked)
     if isinstance(shift, torch.Tensor):
         shift = shift.repeat_interleave(rep)
     return ctx, shift
@@ -278,8 +285,8 @@ def _model_device(model):
     return torch.device("cpu")
 
 
-def _check_checkpointing(model) -> None:
-    for module in model.modules():
+def _check_checkpointing(state: _Patch) -> None:
+    for module in state.ckpt_modules:
         if not getattr(module, "gradient_checkpointing", False):
             continue
         fn = getattr(module, "_gradient_checkpointing_func", None)
@@ -316,7 +323,7 @@ def _forward(self, *args, prefix_index=None, **kwargs):
         ctx, shift = _fit_batch(*state.fixed, batch)
     else:
         if self.training:
-            _check_checkpointing(self)
+            _check_checkpointing(state)
         ctx, shift = _make_context(state, prefix_index, batch, _model_device(self))
     kwargs[hf_attention.CONTEXT_KWARG] = ctx
     state.shift = _hook_shift(state, shift, args, kwargs)

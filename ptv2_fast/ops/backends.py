@@ -54,12 +54,33 @@ def _extension_ops():
     return _ext_ops
 
 
+_triton_ok = False  # set once the Triton kernels imported for a CUDA request
+
+
+def _set_triton_ok():
+    global _triton_ok
+    _triton_ok = True
+
+
+def _ext_state() -> dict:
+    from .. import _ext  # noqa: PLC0415  (the loader imports this package: resolve at call time)
+
+    return _ext._state
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None, dropout_p: float = 0.0) -> str:
     """The concrete backend name for a request, or a clear error when it cannot run on ``device``.
 
     ``auto``: Triton on CUDA tensors (float64 there: the concatenating reference, since the Triton kernels do
     not compile for float64 on a GPU); on CPU tensors the C++ extension (built on first use) for float32,
     float16 and bfloat16, else the concatenating reference."""
+    if backend == "auto":
+        # the common answers first, without imports or exceptions (this runs once per layer call)
+        kind = device.type
+        if kind == "cuda" and dtype is not torch.float64 and _triton_ok:
+            return "triton"
+        if kind == "cpu" and (dtype is None or dtype in EXT_DTYPES) and _ext_state()["loaded"]:
+            return "cpp"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -74,6 +95,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None
             return "reference"
         try:
             _triton_kernels()
+            _set_triton_ok()
             return "triton"
         except BackendUnavailable as e:
             warnings.warn(f"ptv2_fast: {e}; backend='auto' falls back to the concatenating reference "

@@ -152,7 +152,7 @@ _TAG = "_ptv2_fast_checked"
 
 
 def _needs_check(x, lo: int, hi: int) -> bool:
-    if x is None or x.numel() == 0:
+    if x is None or x.numel() == 0 or x.device.type == "meta":  # meta tensors (memory planning) hold no values
         return False
     if x.is_inference():  # inference tensors have no version counter: always check
         return True

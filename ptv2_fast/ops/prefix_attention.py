@@ -88,6 +88,8 @@ def _bwd_impl(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens
         checks.check_backward(dout, dlse, out, lse, q)
     grads = backends.BWD[backend](dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                                   key_padding_mask, out, lse, causal, scale, dropout_p, *_rng(rng_key))
+    if backend == "cpp":  # fresh tensors from C++
+        return grads
     # An op's outputs may not alias each other or its inputs.
     return tuple(g if g._base is None else g.clone() for g in grads)
 
@@ -118,25 +120,41 @@ _bwd_op = torch.ops.ptv2_fast.prefix_attention_backward.default
 _compiling = torch.compiler.is_compiling
 
 
+_EAGER_DEVICES = ("cpu", "cuda")
+
+
 def _forward(*args):
-    # Eager calls run the implementation directly: the registered op (what torch.compile and opcheck see)
-    # would only add two dispatcher round trips through Python. Traced calls go through the op.
-    return _fwd_op(*args) if _compiling() else _fwd_impl(*args)
+    # Eager calls on plain tensors run the implementation directly: the registered op (what torch.compile and
+    # opcheck see) would only add two dispatcher round trips through Python. Traced calls, tensor subclasses
+    # (fake, functional: tracing) and meta tensors (memory planning) go through the op, and so its fake.
+    if _direct(args[0]):
+        return _fwd_impl(*args)
+    return _fwd_op(*args)
 
 
 def _backward(*args):
-    return _bwd_op(*args) if _compiling() else _bwd_impl(*args)
+    if _direct(args[2]):
+        return _bwd_impl(*args)
+    return _bwd_op(*args)
+
+
+def _direct(q) -> bool:
+    return type(q) is torch.Tensor and q.device.type in _EAGER_DEVICES and not _compiling()
 
 
 class PrefixAttentionFunction(torch.autograd.Function):
-    """Differentiable prefix attention over the raw ops: ``apply`` takes the raw forward's arguments.
+    """Differentiable prefix attention over the raw ops.
 
-    Returns (out, lse); gradients flow to q, k, v, prefix_k and prefix_v (first order only).
+    ``apply(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, rng_key,
+    (causal, scale, dropout_p, backend, check_values))``: the raw forward's arguments with the non-tensor ones
+    packed in one tuple (``apply`` pays per argument). Returns (out, lse); gradients flow to q, k, v, prefix_k
+    and prefix_v (first order only).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal,
-                scale, dropout_p, rng_key, backend, check_values):
+    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, rng_key,
+                params):
+        causal, scale, dropout_p, backend, check_values = params
         out, lse = _forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
                             causal, scale, dropout_p, rng_key, backend, check_values)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
@@ -156,7 +174,7 @@ class PrefixAttentionFunction(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dq, dk, dv, dpk, dpv = _backward(dout, dlse, q, k, v, pk, pv, pidx, plens, kvl, kpm, out, lse, causal, scale,
                                        dropout_p, rng_key, backend)
-        return (dq, dk, dv, dpk, dpv) + (None,) * 10
+        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
 
 
 def _needs_autograd(q, k, v, prefix_k, prefix_v) -> bool:
@@ -169,7 +187,7 @@ def _autograd_kernel(q, k, v, prefix_k, prefix_v, *rest):
     if _needs_autograd(q, k, v, prefix_k, prefix_v):
         if len(rest) == 9:  # check_values left at its schema default
             rest = (*rest, True)
-        return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, *rest)
+        return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, *rest[:4], rest[7], (*rest[4:7], *rest[8:]))
     with torch._C._AutoDispatchBelowAutograd():
         return _fwd_op(q, k, v, prefix_k, prefix_v, *rest)
 
@@ -183,7 +201,7 @@ def prefix_attention_op(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, 
     """(out, lse), differentiable when any float input requires grad (else the raw op, no autograd node)."""
     if _needs_autograd(q, k, v, prefix_k, prefix_v):
         return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
-                                             key_padding_mask, causal, scale, dropout_p, rng_key, backend,
-                                             check_values)
+                                             key_padding_mask, rng_key,
+                                             (causal, scale, dropout_p, backend, check_values))
     return _forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal,
                     scale, dropout_p, rng_key, backend, check_values)
