@@ -17,8 +17,34 @@ import ptv2_fast
 SHAPE_FLAGS = ("B", "Hq", "Hkv", "L", "S", "P", "T", "D")
 
 
+def _bench_host(args) -> int:
+    import warnings
+
+    from ptv2_fast.benchmarks import host, op_bench
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices per call
+    rounds = args.reps if args.reps is not None else 15
+    if rounds < 1:
+        raise SystemExit("ptv2-fast bench --host: --reps must be at least 1")
+    print(f"host cost per call (CPU thread time, min of {rounds} interleaved rounds; one thread)...", file=sys.stderr)
+    rep = host.host_report(rounds=rounds, bert_rounds=max(3, rounds // 2))
+    rep["environment"] = op_bench.environment("cpu")
+    print(host.format_report(rep))
+    path = args.json or os.path.join(args.out, "bench_host.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rep, f, indent=2)
+    os.replace(tmp, path)
+    print(f"\nwrote {path}")
+    return 0
+
+
 def _bench(args) -> int:
     from ptv2_fast.benchmarks import op_bench
+
+    if args.host:
+        return _bench_host(args)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -118,6 +144,10 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time prefix attention vs naive_eager / sdpa_concat / sdpa_precat")
     b.add_argument("--quick", action="store_true", help="the quick preset: well under a minute on a 2-core CPU")
+    b.add_argument("--host", action="store_true",
+                   help="host cost per call instead of kernel time: CPU time of the op's forward and forward+backward "
+                        "at a tiny shape against SDPA, device launches and would-be syncs per call, and a 24-layer "
+                        "tiny BERT training step, PEFT vs patched (what decides GPU speed at small shapes)")
     b.add_argument("--preset",
                    choices=["quick", "ptv2-nlu", "decoder-train", "serve-decode", "cpu-ext", "nlu"],
                    help="a named sweep (default: ptv2-nlu; nlu is its single B=32 H=16 L=256 P=64 shape); shape "

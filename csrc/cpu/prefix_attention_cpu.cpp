@@ -219,7 +219,12 @@ inline void gemm_pt_x_rows(float* __restrict c, const float* __restrict p, const
       const float* xm = x + m * D + d0;
       for (int r = 0; r < R; ++r) {
         const float pmj = p[m * BK + r];
-        for (int w = 0; w < W; ++w) acc[r][w] += pmj * xm[w];
+        if constexpr (W <= 16) {  // one vector: GCC's own choice (across m) shuffles; wider W vectorise well
+#pragma omp simd
+          for (int w = 0; w < W; ++w) acc[r][w] += pmj * xm[w];
+        } else {
+          for (int w = 0; w < W; ++w) acc[r][w] += pmj * xm[w];
+        }
       }
     }
     for (int r = 0; r < R; ++r)

@@ -35,6 +35,17 @@ def _interpreting() -> bool:
 EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_cpp_ops: dict = {}
+
+
+def _cpp_op(name: str):
+    """The C++ op overload ``torch.ops.ptv2_fast.<name>.default``, looked up once."""
+    op = _cpp_ops.get(name)
+    if op is None:
+        op = _cpp_ops[name] = getattr(_extension_ops(), name).default
+    return op
+
+
 def _require_extension():
     from .. import _ext
 
@@ -243,13 +254,13 @@ def triton_bwd(*args):
 
 def cpp_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
             dropout_p, seed, rng_offset):
-    return _extension_ops().prefix_attention_fwd.default(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
+    return _cpp_op("prefix_attention_fwd")(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                                                  key_padding_mask, causal, scale, dropout_p, seed, rng_offset)
 
 
 def cpp_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, out, lse,
             causal, scale, dropout_p, seed, rng_offset):
-    return _extension_ops().prefix_attention_bwd.default(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens,
+    return _cpp_op("prefix_attention_bwd")(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens,
                                                  kv_lens, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
                                                  rng_offset)
 
