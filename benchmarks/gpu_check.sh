@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check, under a time budget, in order of what matters most:
+#   0. the profile probe (benchmarks/gpu_probe.py: the op at the BERT-large layer shape as HF calls it, dropout 0
+#      and 0.1, and a warm BERT-large training step and inference pass, PEFT vs patched; at most 240 s);
 #   1. the GPU tests (Triton kernels in fp32/fp16/bf16, torch.compile/CUDA graphs, the HF patch on the GPU);
 #      meanwhile the C++/CUDA extension builds in the background, then the decode kernel's tests run;
 #   2. `ptv2-fast e2e bert-large` (50 training steps, PEFT vs patched);
@@ -11,7 +13,7 @@
 #
 #   benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS=420]
 #
-# STAGES (default: all) picks a subset: tests ext e2e-bert-large bench-ptv2-nlu e2e-llama-1b
+# STAGES (default: all) picks a subset: probe tests ext e2e-bert-large bench-ptv2-nlu e2e-llama-1b
 # bench-decoder-train bench-serve-decode. Failures are also appended to run/failures.log as they happen.
 #
 # For a machine with a GPU and no network whose Python already has torch, triton, transformers, peft and pytest.
@@ -25,7 +27,7 @@ left() { echo $(( budget - ($(date +%s) - start) )); }
 say() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$out/summary.log"; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1
 py=${PYTHON:-python3}
-stages=" ${STAGES:-tests ext e2e-bert-large bench-ptv2-nlu e2e-llama-1b bench-decoder-train bench-serve-decode} "
+stages=" ${STAGES:-probe tests ext e2e-bert-large bench-ptv2-nlu e2e-llama-1b bench-decoder-train bench-serve-decode} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 export PTV2_FAST_FAILURE_LOG="$(cd "$run" && pwd)/failures.log"
 pack() { tar -C "$out" -czf "$out/gpu_check.tgz" --exclude=run/ext_cache run 2>/dev/null; say "packed"; }
@@ -55,6 +57,13 @@ if want ext; then (
   fi
 ) &
   ext_pid=$!
+fi
+
+# 0. The profile probe: where the time of a call and of a BERT-large step goes (device time, kernels, syncs).
+if want probe; then
+  PTV2_FAST_DISABLE_EXT=1 timeout $(( $(left) < 240 ? $(left) : 240 )) $py -m ptv2_fast.benchmarks.gpu_probe "$run/probe" \
+    > "$run/probe.log" 2>&1
+  say "probe rc=$?"; grep -v '^USDT' "$run/probe.log" | tail -n 20 | tee -a "$out/summary.log"
 fi
 
 # 1. GPU tests. The tests that only exercise the CPU extension, packaging or the CPU training loop ran in CI;

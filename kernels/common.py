@@ -41,9 +41,10 @@ def load_tile(ptr, offs_r, offs_d, stride_r, stride_d, n_rows, n_dim, UPCAST: tl
     right after the load: the Triton CPU interpreter computes bf16 arithmetic wrongly, so it must never see it.
     """
     mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < n_dim)
-    # 64-bit row offsets: rows * stride can pass 2**31 for long sequences in [B, L, H, D] layouts.
+    # 64-bit offsets: rows * stride passes 2**31 for long sequences in [B, L, H, D] layouts, and a column
+    # stride can be as large (any stride pattern is valid input).
     rows = offs_r.to(tl.int64)[:, None] * stride_r
-    x = tl.load(ptr + rows + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    x = tl.load(ptr + rows + offs_d.to(tl.int64)[None, :] * stride_d, mask=mask, other=0.0)
     if UPCAST:
         x = x.to(tl.float32)
     return x
@@ -84,7 +85,7 @@ def sequence_visible(KPM, b, stride_kpmb, stride_kpmn, offs_m, offs_n, n_end, L,
     """[M, N] visibility of sequence keys offs_n to queries offs_m: in range, not padded, causal."""
     visible = (offs_m[:, None] < L) & (offs_n[None, :] < n_end)
     if HAS_KPM:
-        kpm = tl.load(KPM + b * stride_kpmb + offs_n * stride_kpmn, mask=offs_n < n_end, other=0)
+        kpm = tl.load(KPM + b * stride_kpmb + offs_n.to(tl.int64) * stride_kpmn, mask=offs_n < n_end, other=0)
         visible = visible & (kpm != 0)[None, :]
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + (S - L))

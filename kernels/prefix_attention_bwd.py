@@ -109,7 +109,7 @@ def prefix_attention_bwd_dq_kernel(
         dq = _dq_step(dq, q, do, lse2, delta, k, v, visible, keep, qk_scale, dropout_scale, DROPOUT, DOT_PREC)
 
     dq_ptrs = (DQ + b * stride_dqb + h * stride_dqh + offs_m.to(tl.int64)[:, None] * stride_dqm
-               + offs_d[None, :] * stride_dqd)
+               + offs_d.to(tl.int64)[None, :] * stride_dqd)
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
@@ -171,7 +171,7 @@ def _dkdv_seq_program(
     offs_d = tl.arange(0, BLOCK_D)
     key_ok = offs_n < kv_end
     if HAS_KPM:
-        kpm = tl.load(KPM + b * stride_kpmb + offs_n * stride_kpmn, mask=key_ok, other=0)
+        kpm = tl.load(KPM + b * stride_kpmb + offs_n.to(tl.int64) * stride_kpmn, mask=key_ok, other=0)
         key_ok = key_ok & (kpm != 0)
     k = load_tile(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, stride_kd, kv_end, D, UPCAST)
     v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_d, stride_vn, stride_vd, kv_end, D, UPCAST)
@@ -199,8 +199,8 @@ def _dkdv_seq_program(
 
     mask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
     rows = offs_n.to(tl.int64)[:, None]
-    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + rows * stride_dvn + offs_d[None, :] * stride_dvd
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_d.to(tl.int64)[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + rows * stride_dvn + offs_d.to(tl.int64)[None, :] * stride_dvd
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 

@@ -109,6 +109,6 @@ def prefix_attention_fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2_C)
     o_ptrs = (OUT + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om
-              + offs_d[None, :] * stride_od)
+              + offs_d.to(tl.int64)[None, :] * stride_od)
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse.to(tl.float32), mask=row_ok)

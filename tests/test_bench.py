@@ -166,3 +166,31 @@ def test_cli_e2e_runs_and_writes_json(tmp_path, capsys, monkeypatch):
             assert r[phase]["ms"] > 0 and r[phase]["peak_bytes"] > 0
     assert variants["peft"]["train"]["time_vs_peft"] == 1.0
     assert variants["patched"]["trainable_params"] == variants["peft"]["trainable_params"] > 0
+
+
+def test_gpu_probe_runs_and_reports_every_probe(tmp_path):
+    # On a machine without a GPU the probe runs on CPU activity at tiny sizes: a check of the script itself
+    # (benchmarks/gpu_check.sh runs it first on a GPU).
+    pytest.importorskip("peft")
+    from ptv2_fast.benchmarks import gpu_probe
+
+    res = gpu_probe.probe(str(tmp_path), device="cpu", small=True)
+    assert [r["shape"]["dropout_p"] for r in res["op"]] == [0.0, 0.1]
+    assert [r["variant"] for r in res["bert_large"]] == ["peft", "patched"]
+    for r in res["op"]:
+        for part in ("forward", "forward_backward"):
+            assert r[part]["wall_ms_per_call"] > 0 and "syncs_per_call" in r[part]
+    for r in res["bert_large"]:
+        assert r["train"]["kernels_per_call"] > 0 and r["infer"]["kernels_per_call"] > 0
+    assert (tmp_path / "gpu_probe.json").is_file()
+    assert "bert-large patched train step" in (tmp_path / "gpu_probe.txt").read_text()
+
+
+def test_bench_host_cli_writes_its_table(tmp_path, capsys):
+    pytest.importorskip("peft")
+    assert main(["bench", "--host", "--reps", "2", "--json", str(tmp_path / "host.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| ptv2_fast |" in out and "tiny BERT training step" in out
+    rep = json.loads((tmp_path / "host.json").read_text())
+    assert rep["counts"]["ptv2_fast"]["forward"]["launches"] == 1
+    assert rep["bert_inference_syncs"]["patched_bank"] <= rep["bert_inference_syncs"]["peft"] + 1

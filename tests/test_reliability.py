@@ -184,3 +184,41 @@ def test_resume_state_round_trips_and_rejects_foreign_dicts(tmp_path):
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a ptv2_fast resume state"):
         load_resume_state(tmp_path / "other.pt")
+
+
+# -- item 4: any stride pattern, however large, never reads out of bounds ----------------------------------
+
+def test_triton_kernels_take_a_huge_head_dim_stride(tmp_path):
+    # A valid fp16 view whose head-dim stride is 2**28 elements: the last column sits 15 * 2**28 elements past
+    # the first, beyond 32-bit offsets. The storage is a sparse file (8 GiB apparent, a few pages touched).
+    # Before the fix the kernels computed these offsets in 32 bits and the process died with SIGSEGV.
+    code = """
+        import os, sys
+        os.environ["TRITON_INTERPRET"] = "1"
+        import torch, ptv2_fast
+        D, n = 16, 2**28
+        numel = (D - 1) * n + 64
+        path = sys.argv[1]
+        with open(path, "wb") as f:
+            f.truncate(numel * 2)
+        store = torch.from_file(path, shared=True, size=numel, dtype=torch.float16)
+        B, H, L, S, P = 1, 1, 3, 4, 2
+        q = store.as_strided((B, H, L, D), (0, 0, 1, n))
+        g = torch.Generator().manual_seed(0)
+        vals = torch.randn(B, H, L, D, generator=g).half()
+        q.copy_(vals)
+        q.requires_grad_()
+        k, v = (torch.randn(B, H, S, D, generator=g).half().requires_grad_() for _ in range(2))
+        pk, pv = (torch.randn(1, H, P, D, generator=g).half().requires_grad_() for _ in range(2))
+        out = ptv2_fast.prefix_attention(q, k, v, pk, pv, backend="triton")
+        dq, = torch.autograd.grad(out.float().sum(), q)
+        qr = vals.float().requires_grad_()
+        ref = ptv2_fast.prefix_attention(qr, k.float(), v.float(), pk.float(), pv.float(), backend="reference")
+        dqr, = torch.autograd.grad(ref.sum(), qr)
+        print("errors", (out.float() - ref).abs().max().item(), (dq.float() - dqr).abs().max().item())
+    """
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(tmp_path / "sparse.bin")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])  # -11 (SIGSEGV) before the fix
+    errs = [float(x) for x in res.stdout.split("errors", 1)[1].split()]
+    assert max(errs) < 2e-2, errs
