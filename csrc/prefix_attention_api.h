@@ -25,6 +25,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, double dropout_p, int64_t seed,
     int64_t offset);
 
+// The Autograd-key kernel of prefix_attention_fwd: a C++ autograd Function over the forward and backward ops.
+std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_index,
+    const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& kv_lens,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, double dropout_p, int64_t seed,
+    int64_t offset);
+
 // The CPU kernels' dropout keep mask, bool [B, Hq, L, P + S] (True = kept): a view for tests.
 at::Tensor dropout_keep_mask_cpu(int64_t B, int64_t Hq, int64_t L, int64_t S, int64_t P, double dropout_p,
                                  int64_t seed, int64_t offset);

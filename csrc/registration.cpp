@@ -21,6 +21,12 @@ TORCH_LIBRARY(ptv2_fast, m) {
   m.def("build_info() -> str", &ptv2_fast::build_info);
 }
 
+// Differentiable through a C++ autograd Function (no Python node per call); the backward op is first order only.
+TORCH_LIBRARY_IMPL(ptv2_fast, Autograd, m) {
+  m.impl("prefix_attention_fwd", &ptv2_fast::prefix_attention_fwd_autograd);
+  m.impl("prefix_attention_bwd", torch::CppFunction::makeFallthrough());
+}
+
 TORCH_LIBRARY_IMPL(ptv2_fast, CPU, m) {
   m.impl("prefix_attention_fwd", &ptv2_fast::prefix_attention_fwd_cpu);
   m.impl("prefix_attention_bwd", &ptv2_fast::prefix_attention_bwd_cpu);

@@ -199,6 +199,10 @@ _lib.impl("prefix_attention_backward", torch.library.fallthrough_kernel, "Autogr
 def prefix_attention_op(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal,
                         scale, dropout_p, rng_key, backend, check_values=True):
     """(out, lse), differentiable when any float input requires grad (else the raw op, no autograd node)."""
+    if backend == "cpp" and _direct(q):
+        # the C++ op carries its own autograd (a C++ Function): no Python node per call
+        return _fwd_impl(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal,
+                         scale, dropout_p, rng_key, backend, check_values)
     if _needs_autograd(q, k, v, prefix_k, prefix_v):
         return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                                              key_padding_mask, rng_key,
