@@ -3,9 +3,10 @@
 At small and medium shapes a GPU step is bound by what the host does per call, and all of it can be
 measured on a CPU, where compute at tiny shapes is close to nothing:
 
-* **host time**: per-thread CPU time of one call (``time.thread_time_ns``), the minimum over rounds of many
-  calls (the minimum is the cost itself; what lies above it is noise from the rest of the machine), with the
-  providers' rounds interleaved so that all of them see the same machine;
+* **host time**: per-thread CPU time of one call (``time.thread_time_ns``) over rounds of many calls, the
+  providers' rounds interleaved; reported as the minimum and median per provider, and ratios as the median
+  over rounds of the ratio within a round (neighbours in time see the same machine, so a machine whose speed
+  drifts, as shared cores do, cancels out of each ratio), with their min-max;
 * **launches**: device kernels one call would launch: Triton launches of our kernels, counted at the
   launcher, plus every aten op that would run a kernel (views, metadata and allocation are not kernels),
   counted with a dispatch mode;
@@ -175,7 +176,15 @@ def interleaved(fns: dict, rounds: int, calls: int, warmup: int = 20) -> dict:
     for _ in range(rounds):
         for name, fn in fns.items():
             samples[name].append(thread_time_us(fn, calls))
-    return {name: {"min": min(s), "median": statistics.median(s), "max": max(s)} for name, s in samples.items()}
+    return {name: {"min": min(s), "median": statistics.median(s), "max": max(s), "samples": s}
+            for name, s in samples.items()}
+
+
+def paired_ratio(stats: dict, name: str, base: str) -> dict:
+    """Median (and min-max) over rounds of ``name``'s time / ``base``'s time in the same round: rounds are
+    adjacent in time, so a machine whose speed drifts (shared cores, frequency) cancels out of each ratio."""
+    r = [a / b for a, b in zip(stats[name]["samples"], stats[base]["samples"])]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
 
 
 def tiny_problem(requires_grad: bool = False, seed: int = 0):
@@ -346,21 +355,26 @@ def format_report(rep: dict) -> str:
     """The README's host table."""
     lines = []
     f, fb = rep["op_forward_us"], rep["op_forward_backward_us"]
-    base_f, base_fb = f["sdpa_precat"]["min"], fb["sdpa_precat"]["min"]
+
+    def ratio(stats, name, base):
+        r = paired_ratio(stats, name, base)
+        return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+
     lines.append("| provider | forward µs (min, median) | × sdpa_precat | fwd+bwd µs (min, median) | × sdpa_precat "
                  "| launches fwd / fwd+bwd | would-be syncs fwd+bwd |")
     lines.append("|---|---|---|---|---|---|---|")
     for name in f:
         c = rep["counts"][name]
-        lines.append(f"| {name} | {f[name]['min']:.1f}, {f[name]['median']:.1f} | {f[name]['min'] / base_f:.2f} | "
-                     f"{fb[name]['min']:.1f}, {fb[name]['median']:.1f} | {fb[name]['min'] / base_fb:.2f} | "
+        lines.append(f"| {name} | {f[name]['min']:.1f}, {f[name]['median']:.1f} | {ratio(f, name, 'sdpa_precat')} | "
+                     f"{fb[name]['min']:.1f}, {fb[name]['median']:.1f} | {ratio(fb, name, 'sdpa_precat')} | "
                      f"{c['forward']['launches']} / {c['forward+backward']['launches']} | "
                      f"{c['forward+backward']['n_syncs']} |")
     b = rep["bert_step_us"]
     lines.append("")
+    lines.append("(× columns: the median over rounds of the ratio within a round, min-max in brackets)")
     lines.append(f"{rep['bert_layers']}-layer tiny BERT training step, host µs (min, median): "
                  f"PEFT {b['peft']['min']:.0f}, {b['peft']['median']:.0f}; patched {b['patched']['min']:.0f}, "
-                 f"{b['patched']['median']:.0f}; patched / PEFT = {b['patched']['min'] / b['peft']['min']:.2f}")
+                 f"{b['patched']['median']:.0f}; patched / PEFT = {ratio(b, 'patched', 'peft')}")
     s = rep["bert_inference_syncs"]
     lines.append(f"would-be syncs per inference_mode forward (4 layers): PEFT {s['peft']}, patched {s['patched']}, "
                  f"patched two-task bank with prefix_index {s['patched_bank']}")
