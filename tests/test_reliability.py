@@ -222,3 +222,23 @@ def test_triton_kernels_take_a_huge_head_dim_stride(tmp_path):
     assert res.returncode == 0, (res.returncode, res.stderr[-2000:])  # -11 (SIGSEGV) before the fix
     errs = [float(x) for x in res.stdout.split("errors", 1)[1].split()]
     assert max(errs) < 2e-2, errs
+
+
+# -- item 5: the raw op checks what its schema promises, on every backend ----------------------------------
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "cpp"])
+def test_raw_op_refuses_bad_input(backend):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 5, 16, generator=g) for _ in range(3))
+    pk, pv = torch.randn(1, 2, 3, 16, generator=g), torch.randn(1, 2, 3, 16, generator=g)
+    op = torch.ops.ptv2_fast.prefix_attention
+    with pytest.raises((ValueError, RuntimeError), match="batch"):  # read past the end of k before the fix
+        op(q, k[:1], v[:1], pk, pv, None, None, None, None, False, 0.25, 0.0, None, backend)
+    with pytest.raises((ValueError, RuntimeError), match="dropout_p"):  # returned zeros before the fix
+        op(q, k, v, pk, pv, None, None, None, None, False, 0.25, 2.0, torch.tensor([1, 2]), backend)
+    out, lse = op(q, k, v, pk, pv, None, None, None, None, False, 0.25, 0.0, None, backend)
+    with pytest.raises((ValueError, RuntimeError), match="dout"):  # a wrongly shaped dout was accepted
+        torch.ops.ptv2_fast.prefix_attention_backward(out[:, :, :3], None, q, k, v, pk, pv, None, None, None, None,
+                                                      out, lse, False, 0.25, 0.0, None, backend)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        op(q, k, v, pk, pv, None, None, None, None, False, 0.25, 0.0, None, "nonsense")
