@@ -60,7 +60,7 @@ if want ext; then (
 fi
 
 # 0. The profile probe: where the time of a call and of a BERT-large step goes (device time, kernels, syncs).
-if want probe; then
+if want probe && [ "$(left)" -gt 30 ]; then
   PTV2_FAST_DISABLE_EXT=1 timeout $(( $(left) < 240 ? $(left) : 240 )) $py -m ptv2_fast.benchmarks.gpu_probe "$run/probe" \
     > "$run/probe.log" 2>&1
   say "probe rc=$?"; grep -v '^USDT' "$run/probe.log" | tail -n 20 | tee -a "$out/summary.log"

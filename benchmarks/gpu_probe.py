@@ -146,18 +146,31 @@ def probe(out_dir: str, device: str | None = None, small: bool = False) -> dict:
     from .op_bench import environment
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = {"environment": environment(device), "small": small, "op": [], "bert_large": []}
-    for p in (0.0, 0.1):
-        result["op"].append(op_probe(device, small, p))
-    for variant in ("peft", "patched"):
-        result["bert_large"].append(model_probe(device, small, variant))
+    result = {"environment": environment(device), "small": small, "op": [], "bert_large": [], "errors": []}
     os.makedirs(out_dir, exist_ok=True)
+    # each probe's result is written as soon as it exists: a time limit or a failing probe loses only itself
+    for p in (0.0, 0.1):
+        _guarded(result, f"op dropout={p}", lambda p=p: result["op"].append(op_probe(device, small, p)), out_dir)
+    for variant in ("peft", "patched"):
+        _guarded(result, f"bert-large {variant}",
+                 lambda v=variant: result["bert_large"].append(model_probe(device, small, v)), out_dir)
+    return result
+
+
+def _guarded(result: dict, name: str, fn, out_dir: str) -> None:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001  (a probe that fails is reported, the others still run)
+        result["errors"].append(f"{name}: {type(e).__name__}: {e}")
+    _write(result, out_dir)
+
+
+def _write(result: dict, out_dir: str) -> None:
     for name, text in (("gpu_probe.json", json.dumps(result, indent=2)), ("gpu_probe.txt", format_probe(result))):
         tmp = os.path.join(out_dir, name + ".tmp")
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, os.path.join(out_dir, name))
-    return result
 
 
 def _line(tag: str, r: dict) -> str:
@@ -175,6 +188,7 @@ def format_probe(result: dict) -> str:
     for r in result["bert_large"]:
         lines += [_line(f"bert-large {r['variant']} train step", r["train"]),
                   _line(f"bert-large {r['variant']} inference", r["infer"])]
+    lines += [f"error: {e}" for e in result.get("errors", [])]
     return "\n".join(lines)
 
 

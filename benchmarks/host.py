@@ -63,6 +63,13 @@ class _Counter(TorchDispatchMode):
         self.paused = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _our_ops():
+            # our dispatching ops are not kernels: count what their implementation runs, with this mode active
+            from ptv2_fast.ops import prefix_attention as impl
+
+            with self:
+                fn = impl._fwd_impl if func is _our_ops()[0] else impl._bwd_impl
+                return fn(*args, **(kwargs or {}))
         if not self.paused:
             name = func.overloadpacket.__name__
             if name in _SYNC_OPS or _base_name(func) in _SYNC_OPS:
@@ -70,6 +77,10 @@ class _Counter(TorchDispatchMode):
             if name not in _NO_KERNEL and _base_name(func) not in _NO_KERNEL and not name.startswith("sym_"):
                 self.kernels.append(name)
         return func(*args, **(kwargs or {}))
+
+
+def _our_ops():
+    return (torch.ops.ptv2_fast.prefix_attention.default, torch.ops.ptv2_fast.prefix_attention_backward.default)
 
 
 @contextlib.contextmanager
@@ -87,7 +98,8 @@ def count_device_work():
             saved[name] = kernel
             setattr(launchers, name, _CountingKernel(kernel, name, triton_calls, counter))
     host_syncs: list[str] = []
-    patched = _patch_host_reads(host_syncs)
+    tagged: list = []
+    patched = _patch_host_reads(host_syncs, tagged)
     result: dict = {}
     try:
         with counter:
@@ -97,6 +109,8 @@ def count_device_work():
             setattr(launchers, name, kernel)
         for owner, attr, fn in patched:
             setattr(owner, attr, fn)
+        for t in tagged:
+            t.__dict__.pop(HOST_TAG, None)
         result.update(triton=_tally(triton_calls), aten=_tally(counter.kernels),
                       launches=len(triton_calls) + len(counter.kernels),
                       syncs=_tally(counter.syncs + host_syncs), n_syncs=len(counter.syncs) + len(host_syncs))
@@ -129,7 +143,7 @@ class _CountingKernel:
         return getattr(self.kernel, name)
 
 
-def _patch_host_reads(log: list):
+def _patch_host_reads(log: list, tagged: list):
     """Count .tolist()/.cpu()/.numpy() on tensors not tagged as host tensors (they bypass the dispatcher on a
     CPU tensor; on a GPU each is a device-to-host copy and a sync)."""
     patched = []
@@ -140,8 +154,10 @@ def _patch_host_reads(log: list):
             if not getattr(self, HOST_TAG, False) and not _inside_counter_pause():
                 log.append(_attr)
             out = _orig(self, *a, **kw)
-            if _attr == "cpu":
-                setattr(out, HOST_TAG, True)  # the copy is on the host: reading it again syncs nothing
+            if _attr == "cpu" and not getattr(out, HOST_TAG, False):
+                # the copy is on the host: reading it again syncs nothing (untagged when counting ends)
+                setattr(out, HOST_TAG, True)
+                tagged.append(out)
             return out
 
         patched.append((torch.Tensor, attr, orig))

@@ -175,9 +175,10 @@ def prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, 
     drop = dropout_p > 0.0
     kpm, skpm_b, skpm_n = _kpm_arg(key_padding_mask, lse)
     seed, rng_offset = _rng(seed, rng_offset)
+    lse = lse.contiguous()  # read as [B * Hq, L] rows (a no-op for the forward's own lse)
     delta = torch.empty_like(lse, memory_format=torch.contiguous_format)
     dl = dlse if dlse is not None else lse
-    dl_strides = dl.stride() if dl.dim() == 3 else (0, 0, 0)
+    dl_strides = dl.stride()
 
     bm, bn, warps, stages = _config("dq", L, max(S, P), D)
     prefix_attention_bwd_dq_kernel[(B * Hq, triton.cdiv(L, bm))](
@@ -196,11 +197,8 @@ def prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, 
     bm, bn, warps, stages = _config("dkdv", L, max(S, P), D)
     n_pblocks, n_sblocks = triton.cdiv(P, bn), triton.cdiv(S, bn)
     nsplit = _prefix_splits(B, T, Hkv, P, bn, dev) if P > 0 else 1
-    if dpk.stride() != dpv.stride():  # the prefix programs write both with one set of strides: go through partials
-        nsplit = max(nsplit, 1)
-        split_path = True
-    else:
-        split_path = nsplit > 1
+    # the prefix programs write dpk and dpv with one set of strides: different layouts go through partials
+    split_path = nsplit > 1 or dpk.stride() != dpv.stride()
     if not split_path:
         part_k, part_v = dpk, dpv
         part_strides = (0, *dpk.stride())

@@ -175,6 +175,7 @@ def test_gpu_probe_runs_and_reports_every_probe(tmp_path):
     from ptv2_fast.benchmarks import gpu_probe
 
     res = gpu_probe.probe(str(tmp_path), device="cpu", small=True)
+    assert res["errors"] == []
     assert [r["shape"]["dropout_p"] for r in res["op"]] == [0.0, 0.1]
     assert [r["variant"] for r in res["bert_large"]] == ["peft", "patched"]
     for r in res["op"]:

@@ -149,7 +149,13 @@ def test_value_checks_are_cached_per_tensor_version_and_bounds():
 
     idx = torch.tensor([0, 2])
     checks.check_values(idx, None, None, T=3, P=4, S=5)
-    assert getattr(idx, checks._TAG) == (idx._version, 0, 2)
+    assert getattr(idx, checks._TAG) == (idx._version, 0, 2, idx.data_ptr())
+    import copy
+
+    moved = copy.deepcopy(idx)
+    moved[1] = 7  # a deep copy restarts at version 1 with the tag: the data pointer tells it apart
+    with pytest.raises(ValueError, match="prefix_index"):
+        checks.check_values(moved, None, None, T=3, P=4, S=5)
     idx[1] = 5  # an in-place change bumps the version: checked again, and caught
     with pytest.raises(ValueError, match="prefix_index"):
         checks.check_values(idx, None, None, T=3, P=4, S=5)

@@ -123,10 +123,11 @@ void store_rows(T* dst, int64_t rs, int64_t cs, const float* src, int64_t rows, 
   }
 }
 
-// kt[c, j] = k[j, c] for j < nk, 0 for nk <= j < width16(nk) (a padded key scores 0 and is masked after;
-// the products read no column past width16(nk)).
+// kt[c, j] = k[j, c] for j < nk, 0 for the padded columns the products read (a padded key scores 0 and is
+// masked after): up to width16(nk), or the whole tile past 96 keys, where gemm_a_bt uses the full width.
 void transpose_tile(float* __restrict kt, const float* __restrict k, int64_t nk, int64_t D) {
-  const int64_t nw = (nk + 15) / 16 * 16;
+  const int64_t w16 = (nk + 15) / 16 * 16;
+  const int64_t nw = w16 > 96 ? BK : w16;  // gemm_a_bt runs 97..128 keys at the full tile width
   for (int64_t c = 0; c < D; ++c) {
     float* row = kt + c * BK;
     for (int64_t j = 0; j < nk; ++j) row[j] = k[j * D + c];

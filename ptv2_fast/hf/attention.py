@@ -32,7 +32,7 @@ class PrefixContext:
     prefix_index: torch.Tensor | None
     prefix_lens: torch.Tensor | None
     backend: str = "auto"
-    values_checked: bool = True  # False under torch.compile: each layer's op checks at run time
+    values_checked: bool = False  # True once the forward validated them (not under torch.compile): layers skip
     _views: dict = field(default_factory=dict, repr=False)
 
     def layer(self, idx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

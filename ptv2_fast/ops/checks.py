@@ -156,7 +156,8 @@ def _needs_check(x, lo: int, hi: int) -> bool:
         return False
     if x.is_inference():  # inference tensors have no version counter: always check
         return True
-    return getattr(x, _TAG, None) != (x._version, lo, hi)
+    # data_ptr: a deep copy or a reloaded tensor restarts at version 1 and carries the tag along
+    return getattr(x, _TAG, None) != (x._version, lo, hi, x.data_ptr())
 
 
 def check_values(prefix_index, prefix_lens, kv_lens, T: int, P: int, S: int) -> None:
@@ -177,4 +178,4 @@ def check_values(prefix_index, prefix_lens, kv_lens, T: int, P: int, S: int) -> 
         if is_bad:
             raise ValueError(msg)
         if not x.is_inference():
-            setattr(x, _TAG, (x._version, lo, hi))
+            setattr(x, _TAG, (x._version, lo, hi, x.data_ptr()))

@@ -4,8 +4,9 @@
 Layering for a low per-call cost (pytorch/pytorch#176592): the raw ops are defined with ``torch.library``
 (define + impl per device + ``register_fake``), which dispatches in C++ and is what ``torch.compile`` and
 ``opcheck`` see; autograd lives in ``PrefixAttentionFunction`` outside them, far cheaper per eager call than
-``custom_op`` with ``register_autograd``. The raw ops are not differentiable themselves: call
-``ptv2_fast.prefix_attention`` (or ``PrefixAttentionFunction.apply``) for gradients.
+``custom_op`` with ``register_autograd``. The raw forward's Autograd-key kernel applies that Function too,
+so a direct ``torch.ops.ptv2_fast.prefix_attention`` call is differentiable; the raw backward is first order
+only. The C++ extension's op carries its own C++ autograd (csrc/prefix_attention_autograd.cpp).
 
 The raw forward takes the bank already as [T, Hkv, P, D] and a concrete backend name. It checks what its
 schema promises (shapes, dtypes, devices, ``dropout_p``; cheap, no sync) and, when ``check_values`` is
@@ -63,8 +64,9 @@ def _fwd_impl(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, k
             _check_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, scale,
                        dropout_p, True)
             raise
+    # the reference backend indexes the bank with prefix_index unclamped: it always checks the values
     _check_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, scale, dropout_p,
-               check_values)
+               check_values or backend == "reference")
     return backends.FWD[backend](q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                                  key_padding_mask, causal, scale, dropout_p, *_rng(rng_key))
 
@@ -94,9 +96,9 @@ def _bwd_impl(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens
     return tuple(g if g._base is None else g.clone() for g in grads)
 
 
-for _key in ("CPU", "CUDA"):
-    _lib.impl("prefix_attention", _fwd_impl, _key)
-    _lib.impl("prefix_attention_backward", _bwd_impl, _key)
+# Every device (CPU, CUDA, and others, where the backends that run there are chosen); fakes cover meta/fake.
+_lib.impl("prefix_attention", _fwd_impl, "CompositeExplicitAutograd")
+_lib.impl("prefix_attention_backward", _bwd_impl, "CompositeExplicitAutograd")
 
 
 # Output layouts: out and each gradient are allocated like their input (``torch.empty_like``: a dense input's
@@ -139,7 +141,9 @@ def _backward(*args):
 
 
 def _direct(q) -> bool:
-    return type(q) is torch.Tensor and q.device.type in _EAGER_DEVICES and not _compiling()
+    # a dispatch mode (selective checkpointing, FLOP counters, fake tensors over real ones) must see the op
+    return (type(q) is torch.Tensor and q.device.type in _EAGER_DEVICES and not _compiling()
+            and torch._C._len_torch_dispatch_stack() == 0)
 
 
 class PrefixAttentionFunction(torch.autograd.Function):
@@ -178,8 +182,11 @@ class PrefixAttentionFunction(torch.autograd.Function):
 
 
 def _needs_autograd(q, k, v, prefix_k, prefix_v) -> bool:
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                        or prefix_k.requires_grad or prefix_v.requires_grad)
+    # getattr: a non-tensor argument reaches the checks (a clear TypeError), not an AttributeError here
+    return torch.is_grad_enabled() and (getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)
+                                        or getattr(v, "requires_grad", False)
+                                        or getattr(prefix_k, "requires_grad", False)
+                                        or getattr(prefix_v, "requires_grad", False))
 
 
 def _autograd_kernel(q, k, v, prefix_k, prefix_v, *rest):
