@@ -15,7 +15,7 @@ At most three launches, none with atomics, so results are bitwise deterministic:
      * prefix programs, one per (prefix block, task t, hk, split): they walk the batch rows in order,
        keep those whose prefix_index is t (no sort, no host work), and loop over their query heads and
        query blocks. A bank row's gradient is thus reduced inside the kernel: no [B, Hkv, P, D] buffer
-       exists. With NSPLIT > 1 each split takes an equal share of the rows and writes an fp32 partial;
+       exists. With NSPLIT > 1 each split takes every NSPLIT-th row of the task and writes an fp32 partial;
      * sequence programs, one per (key block, b, hk), looping over the GROUP query heads of hk (the GQA
        reduction) and the query blocks that can see the key block;
   3. only with NSPLIT > 1: the partials summed in split order and cast to the bank's dtype.
@@ -223,8 +223,10 @@ def _dkdv_prefix_program(
     """Program (prefix block pid_n, t * Hkv + hk, split).
 
     DPK/DPV are [NSPLIT, T, Hkv, P, D] (strides given; NSPLIT > 1 gives fp32 partials summed by launch 3).
-    Split s walks batch rows [s * share, (s + 1) * share) in order and keeps those of task t (the clamped
-    prefix_index, as the forward reads it). Unused bank rows and columns past prefix_lens[t] get 0.
+    Every program walks the batch rows in order and keeps those of task t (the clamped prefix_index, as the
+    forward reads it); split s takes the task's rows whose rank among them is s modulo NSPLIT, so the splits
+    get equal shares however the task's rows sit in the batch. Unused bank rows and columns past
+    prefix_lens[t] get 0.
     """
     t = thk // Hkv
     hk = (thk % Hkv).to(tl.int64)
@@ -241,18 +243,19 @@ def _dkdv_prefix_program(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dropout_scale = 1.0 / (1.0 - dropout_p)
 
-    share = (B + NSPLIT - 1) // NSPLIT
-    r_begin = tl.minimum(split * share, B)
-    r_end = tl.minimum((split + 1) * share, B)
     # A block past the task's prefix length is visible to no query: gradient 0 without visiting any row.
-    r_end = tl.where(pid_n * BLOCK_N >= plen, r_begin, r_end)
-    zero64 = r_begin.to(tl.int64) * 0  # the loop variable may be a plain int (interpreter): widen through a tensor
-    for r in range(r_begin, r_end):
+    r_end = tl.where(pid_n * BLOCK_N >= plen, 0, B)
+    zero64 = r_end.to(tl.int64) * 0  # the loop variable may be a plain int (interpreter): widen through a tensor
+    seen = r_end * 0  # rows of task t met so far: split s takes the task's rows seen[r] % NSPLIT == s, so the
+    for r in range(0, r_end):  # splits share the task's rows evenly wherever they sit in the batch
         b = zero64 + r
         row_task = t * 0
         if HAS_PIDX:
             row_task = tl.minimum(tl.maximum(tl.load(PIDX + b), 0), T - 1).to(tl.int32)
-        n_groups = tl.where(row_task == t, GROUP, 0)  # a row of another task contributes nothing
+        hit = row_task == t
+        mine = hit & (seen % NSPLIT == split)
+        seen += hit.to(tl.int32)
+        n_groups = tl.where(mine, GROUP, 0)  # a row of another task, or of another split, contributes nothing
         for g in range(0, n_groups):
             h = hk * GROUP + g
             bh = (b * Hq + h).to(tl.int32)

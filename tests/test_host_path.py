@@ -159,3 +159,17 @@ def test_create_graph_is_refused_not_silently_graphless():
     out = ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, **kw)
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(out, q, dout, create_graph=True)
+
+
+def test_row_splits_share_a_task_whose_rows_are_contiguous(monkeypatch):
+    # Rows of one task side by side (as a batch sorted by task is): every split gets every NSPLIT-th row of the
+    # task, and the sum equals the unsplit gradient.
+    (q, k, v, pk, pv), _, kw, dout, _ = _problem(B=8, T=2)
+    idx = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    grads = {}
+    for splits in ("1", "3"):
+        monkeypatch.setenv("PTV2_FAST_PREFIX_SPLITS", splits)
+        out = ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, backend="triton", **kw)
+        grads[splits] = torch.autograd.grad(out, (pk, pv), dout)
+    for a, b in zip(grads["1"], grads["3"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
