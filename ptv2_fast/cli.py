@@ -40,6 +40,46 @@ def _bench_host(args) -> int:
     return 0
 
 
+_SHAPE_NAMES = {"B": "--batch", "Hq": "--heads", "Hkv": "--kv-heads", "L": "--query-len", "S": "--seq-len",
+                "P": "--prefix-len", "T": "--tasks", "D": "--head-dim"}
+
+
+def _check_shape(shape, dtype: str, device: str) -> None:
+    """Refuse a benchmark shape that cannot run, with the flag to change, before anything is allocated."""
+    for field, flag in _SHAPE_NAMES.items():
+        if getattr(shape, field) < 1:
+            what = "a prefix (P-Tuning v2 has one)" if field == "P" else "at least 1"
+            raise SystemExit(f"ptv2-fast bench: {flag} must be {what}, got {getattr(shape, field)}")
+    if not 16 <= shape.D <= 256:
+        raise SystemExit(f"ptv2-fast bench: --head-dim must be in [16, 256], got {shape.D}")
+    if shape.Hq % shape.Hkv:
+        raise SystemExit(f"ptv2-fast bench: --heads {shape.Hq} must be a multiple of --kv-heads {shape.Hkv}")
+    need = _bench_bytes(shape, dtype)
+    have = _device_bytes(device)
+    if have is not None and need > 0.8 * have:
+        raise SystemExit(f"ptv2-fast bench: this shape needs about {need / 2**30:.1f} GiB (the naive path keeps "
+                         f"[B, H, L, P + S] scores in fp32 and their gradients), more than 80% of the "
+                         f"{have / 2**30:.1f} GiB of {device} memory here; lower --batch, --query-len or --seq-len")
+
+
+def _bench_bytes(shape, dtype: str) -> int:
+    """A generous estimate of the largest provider's peak: the naive path's fp32 scores and their backward
+    (about four [B, Hq, L, P + S] tensors) plus q/k/v/out and their gradients with the concatenation."""
+    item = 4 if dtype == "fp32" else 2
+    scores = shape.B * shape.Hq * shape.L * (shape.P + shape.S) * 4 * 4
+    tensors = (shape.B * shape.Hq * shape.L + 4 * shape.B * shape.Hkv * (shape.S + shape.P)) * shape.D * item * 4
+    return scores + tensors
+
+
+def _device_bytes(device: str) -> int | None:
+    try:
+        if device == "cuda":
+            return torch.cuda.mem_get_info()[1]
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+
+
 def _bench(args) -> int:
     from ptv2_fast.benchmarks import op_bench
 
@@ -52,6 +92,10 @@ def _bench(args) -> int:
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
     reps = args.reps if args.reps is not None else (10 if device == "cuda" else 3)
     warmup = args.warmup if args.warmup is not None else (3 if device == "cuda" else 1)
+    if reps < 1:
+        raise SystemExit(f"ptv2-fast bench: --reps must be at least 1, got {reps}")
+    if warmup < 0:
+        raise SystemExit(f"ptv2-fast bench: --warmup must be at least 0, got {warmup}")
     modes = args.modes.split(",") if args.modes else None
     for mode in modes or ():
         if mode not in op_bench.ALL_MODES:
@@ -71,8 +115,7 @@ def _bench(args) -> int:
             shape.Hkv = shape.Hq  # --heads alone means multi-head attention, not GQA
         shape.causal = shape.causal or args.causal
         shape.padded = shape.padded and not args.no_padding
-        if shape.Hq % shape.Hkv:
-            raise SystemExit(f"ptv2-fast bench: --heads {shape.Hq} must be a multiple of --kv-heads {shape.Hkv}")
+        _check_shape(shape, dtype, device)
         modes = modes or (["decode"] if shape.L == 1 else list(op_bench.MODES))
         result = op_bench.run(shape, dtype=dtype, device=device, modes=modes, warmup=warmup, reps=reps,
                               progress=sys.stderr.isatty())

@@ -195,3 +195,17 @@ def test_bench_host_cli_writes_its_table(tmp_path, capsys):
     rep = json.loads((tmp_path / "host.json").read_text())
     assert rep["counts"]["ptv2_fast"]["forward"]["launches"] == 1
     assert rep["bert_inference_syncs"]["patched_bank"] <= rep["bert_inference_syncs"]["peft"] + 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--prefix-len", "0"], "--prefix-len must be a prefix"),  # killed the process with SIGFPE before
+    (["--kv-heads", "0"], "--kv-heads must be at least 1"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--head-dim", "8"], "--head-dim must be in"),
+    (["--reps", "0"], "--reps must be at least 1"),
+    (["--warmup", "-1"], "--warmup must be at least 0"),
+    (["--batch", "4096", "--query-len", "65536", "--seq-len", "65536"], "GiB"),  # a 20 TB request: refused first
+])
+def test_bench_refuses_impossible_shapes_with_the_flag_to_change(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "--device", "cpu", *flags])
