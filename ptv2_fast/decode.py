@@ -23,6 +23,8 @@ def _check(q, k_cache, v_cache, cache_seqlens, pk, pv, prefix_index, prefix_lens
         _need(x.dim() == 4, f"{name} must be 4-D, got shape {list(x.shape)}")
         _need(x.dtype == q.dtype, f"{name} has dtype {x.dtype} but q has {q.dtype}", TypeError)
         _need(x.device == q.device, f"{name} is on {x.device} but q is on {q.device}")
+    _need(q.dtype in checks.SUPPORTED_DTYPES, f"q has unsupported dtype {q.dtype}; use float16, bfloat16 or "
+          "float32 (float64 for checks)", TypeError)
     B, Hq, Lq, D = q.shape
     Hkv = k_cache.shape[1]
     _need(1 <= Lq <= MAX_DECODE_QUERIES, f"q must hold 1 to {MAX_DECODE_QUERIES} new tokens per row (q.shape[2]), "
@@ -116,7 +118,8 @@ def prefix_decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     S_max = k_cache.shape[2] * (page_table.shape[1] if page_table is not None else 1)
     if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        checks.check_values(prefix_index, prefix_lens, cache_seqlens, pk.shape[0], pk.shape[2], S_max)
+        checks.check_values(prefix_index, prefix_lens, cache_seqlens, pk.shape[0], pk.shape[2], S_max,
+                            kv_name="cache_seqlens")
         if page_table is not None and page_table.numel():
             _need(bool(((page_table >= 0) & (page_table < k_cache.shape[0])).all()),
                   f"page_table has values outside [0, num_pages) = [0, {k_cache.shape[0]})")

@@ -197,3 +197,16 @@ def test_cuda_kernel_refuses_unsupported_head_dims():
         ptv2_fast.prefix_decode_attention(*args, **kw, backend="cuda")
     with pytest.raises(RuntimeError, match="head dims 64 and 128"):
         torch.ops.ptv2_fast.prefix_decode_attention(*args, None, None, True, 0.1, 0)
+
+
+def test_decode_names_cache_seqlens_and_refuses_integer_tensors():
+    # issue 18 item 12: a bad cache_seqlens was reported as kv_lens; int32 q/k/v were accepted
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 2, 1, 16, generator=g)
+    kc, vc = torch.randn(2, 2, 6, 16, generator=g), torch.randn(2, 2, 6, 16, generator=g)
+    pk, pv = torch.randn(1, 2, 3, 16, generator=g), torch.randn(1, 2, 3, 16, generator=g)
+    with pytest.raises(ValueError, match="cache_seqlens has values outside"):
+        ptv2_fast.prefix_decode_attention(q, kc, vc, torch.tensor([6, 9]), pk, pv)
+    as_int = [x.to(torch.int32) for x in (q, kc, vc, pk, pv)]
+    with pytest.raises(TypeError, match="q has unsupported dtype torch.int32"):
+        ptv2_fast.prefix_decode_attention(as_int[0], as_int[1], as_int[2], torch.tensor([6, 6]), as_int[3], as_int[4])

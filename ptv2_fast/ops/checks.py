@@ -160,7 +160,7 @@ def _needs_check(x, lo: int, hi: int) -> bool:
     return getattr(x, _TAG, None) != (x._version, lo, hi, x.data_ptr())
 
 
-def check_values(prefix_index, prefix_lens, kv_lens, T: int, P: int, S: int) -> None:
+def check_values(prefix_index, prefix_lens, kv_lens, T: int, P: int, S: int, kv_name: str = "kv_lens") -> None:
     """Range checks on index/length tensors: at most one host sync for all of them together, and none
     for a tensor already checked against the same bounds and not modified since."""
     a = _needs_check(prefix_index, 0, T - 1)
@@ -171,7 +171,7 @@ def check_values(prefix_index, prefix_lens, kv_lens, T: int, P: int, S: int) -> 
     todo = [(x, lo, hi, msg) for need, x, lo, hi, msg in (
         (a, prefix_index, 0, T - 1, f"prefix_index has values outside [0, T) = [0, {T})"),
         (b, prefix_lens, 0, P, f"prefix_lens has values outside [0, P] = [0, {P}]"),
-        (c, kv_lens, 0, S, f"kv_lens has values outside [0, S] = [0, {S}]"),
+        (c, kv_lens, 0, S, f"{kv_name} has values outside [0, S] = [0, {S}]"),
     ) if need]
     bad = torch.stack([(x < lo).any() | (x > hi).any() for x, lo, hi, _ in todo]).cpu().tolist()
     for is_bad, (x, lo, hi, msg) in zip(bad, todo):
