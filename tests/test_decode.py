@@ -147,7 +147,7 @@ def _call(**over):
     (dict(q=torch.randn(5, 8, 17, 64)), ValueError, "1 to 16 new tokens"),
     (dict(q=torch.randn(5, 8, 1, 64, dtype=torch.float64)), TypeError, "has dtype"),
     (dict(q=torch.randn(5, 7, 1, 64)), ValueError, "not a multiple"),
-    (dict(cache_seqlens=torch.full((5,), 71)), ValueError, "kv_lens has values outside"),
+    (dict(cache_seqlens=torch.full((5,), 71)), ValueError, "cache_seqlens has values outside"),
     (dict(cache_seqlens=torch.zeros(4, dtype=torch.long)), ValueError, "cache_seqlens must have shape"),
     (dict(prefix_index=torch.full((5,), 3)), ValueError, "prefix_index has values outside"),
     (dict(prefix_index=None), ValueError, "prefix_index is None"),
