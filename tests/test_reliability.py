@@ -147,7 +147,7 @@ class _Exploit:
 
 
 def test_resume_state_never_unpickles_code(tmp_path):
-    from ptv2_fast.train.trainer import load_resume_state
+    from ptv2_fast.train.resume import load_resume_state
 
     marker = tmp_path / "pwned"
     bad = tmp_path / "resume.pt"
@@ -165,14 +165,14 @@ def test_resume_state_never_unpickles_code(tmp_path):
 def test_resume_state_round_trips_and_rejects_foreign_dicts(tmp_path):
     import random
 
-    from ptv2_fast.train.trainer import _save_resume, load_resume_state
+    from ptv2_fast.train.resume import load_resume_state, save_resume
 
     p = torch.nn.Parameter(torch.randn(3))
     opt = torch.optim.AdamW([p])
     p.grad = torch.ones(3)
     opt.step()
     rng = random.Random(5)
-    _save_resume(tmp_path, ({"w": torch.zeros(2)}, None), opt, rng, [{"epoch": 1, "mean": 0.5}],
+    save_resume(tmp_path, ({"w": torch.zeros(2)}, None), opt, rng, [{"epoch": 1, "mean": 0.5}],
                  {"mean": 0.5}, 0, 0)
     state = load_resume_state(tmp_path / "resume.pt")
     r2 = random.Random()

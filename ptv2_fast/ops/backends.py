@@ -39,10 +39,11 @@ _cpp_ops: dict = {}
 
 
 def _cpp_op(name: str):
-    """The C++ op overload ``torch.ops.ptv2_fast.<name>.default``, looked up once."""
+    """The C++ op overload ``torch.ops.ptv2_fast.<name>.default``, looked up once (the hot path asks per call)."""
     op = _cpp_ops.get(name)
     if op is None:
-        op = _cpp_ops[name] = getattr(_extension_ops(), name).default
+        _require_extension()
+        op = _cpp_ops[name] = getattr(torch.ops.ptv2_fast, name).default
     return op
 
 
@@ -51,18 +52,6 @@ def _require_extension():
 
     if not _ext.load():
         raise BackendUnavailable(f"the C++ extension is unavailable: {_ext.status()['error']}")
-
-
-_ext_ops = None
-
-
-def _extension_ops():
-    """torch.ops.ptv2_fast once the extension is loaded (remembered: the kernels' hot path asks every call)."""
-    global _ext_ops
-    if _ext_ops is None:
-        _require_extension()
-        _ext_ops = torch.ops.ptv2_fast
-    return _ext_ops
 
 
 _triton_ok = False  # set once the Triton kernels imported for a CUDA request

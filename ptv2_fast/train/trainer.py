@@ -27,6 +27,7 @@ import torch
 from . import distributed
 from .data import load_task
 from .kinds import for_tasks
+from .resume import load_resume_state, save_resume
 from .synthetic import Task
 
 ENCODERS = ("bert", "roberta")  # bidirectional: refused for causal-LM tasks unless configured as decoders
@@ -291,7 +292,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         else:
             stale += 1
         if st.main and not sharded:
-            _save_resume(out, state, opt, rng, history, best, epoch, stale)
+            save_resume(out, state, opt, rng, history, best, epoch, stale)
     seconds = time.perf_counter() - start
     if st.main:
         meta = json.loads((out / "ptv2_train.json").read_text())
@@ -301,43 +302,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
     distributed.teardown(st)
     return {"best": best, "history": history, "seconds": seconds, "tasks": [t.name for t in tasks],
             "kind": kind.name, "metric": kind.metric_name(), "chance": {t.name: kind.baseline(t) for t in tasks}}
-
-
-def load_resume_state(path: Path) -> dict:
-    """``resume.pt`` read with ``weights_only=True``: tensors, numbers, strings and containers only, so a
-    crafted file can never run code (torch refuses any other pickled object)."""
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # UnpicklingError for foreign objects, EOFError/RuntimeError for a damaged file
-        raise ValueError(f"{path} cannot be resumed from: it is not a ptv2_fast resume state, or it is damaged "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); nothing in it was "
-                         "executed. Start the run again without --resume, or into a new --out") from None
-    need = ("optimizer", "rng", "torch_rng", "history", "best", "epoch", "stale")
-    missing = [k for k in need if k not in state] if isinstance(state, dict) else list(need)
-    if missing:
-        raise ValueError(f"{path} is not a ptv2_fast resume state (it lacks {missing})")
-    state["rng"] = _as_rng_state(state["rng"])
-    return state
-
-
-def _as_rng_state(s):
-    # random.Random.setstate needs (int, tuple of ints, None or float); a round trip may turn tuples into lists
-    return (s[0], tuple(s[1]), s[2]) if isinstance(s, (list, tuple)) and len(s) == 3 else s
-
-
-def _save_resume(out: Path, state, opt, rng, history, best, epoch, stale):
-    from safetensors.torch import save_file
-
-    save_file(state[0], str(out / "last_prefix.safetensors"))
-    if state[1] is not None:
-        save_file(state[1], str(out / "last_head.safetensors"))
-    # written under a temporary name and renamed: a kill mid-write never leaves a half file as resume.pt
-    tmp = out / f".resume.pt.{os.getpid()}.tmp"
-    torch.save({"optimizer": opt.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                "history": history, "best": best, "epoch": epoch, "stale": stale}, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / "resume.pt")
 
 
 def _bar(total: int, desc: str, enabled: bool):
