@@ -260,6 +260,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   return {dq, dk, dv, dpk, dpv};
 }
 
+at::Tensor prefix_attention_merge_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_index,
+    const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& kv_lens,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, at::Tensor& out,
+    const at::Tensor& seq_lse) {
+  const char* op = "ptv2_fast.prefix_attention_merge_fwd";
+  check_scale(op, scale);
+  const AttnInputs in = check_attention(op, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
+                                        key_padding_mask);
+  check_float_tensor(op, "out", out, 4, q);
+  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out has shape ", out.sizes(), " but q has ", q.sizes());
+  const std::vector<int64_t> row_shape{q.size(0), q.size(1), q.size(2)};
+  TORCH_CHECK(seq_lse.sizes() == at::IntArrayRef(row_shape) && seq_lse.scalar_type() == at::kFloat &&
+              seq_lse.device() == q.device(), op, ": seq_lse must be float32 [B, Hq, L] on q's device, got ",
+              seq_lse.scalar_type(), " ", seq_lse.sizes(), " on ", seq_lse.device());
+  at::Tensor lse = at::empty(row_shape, q.options().dtype(at::kFloat));
+  PrefixAttentionFwdParams p{};
+  fill_common(p, q, k, v, prefix_k, prefix_v, in, causal, scale);
+  p.out = out.data_ptr();
+  copy_strides(p.out_s, out);
+  p.lse = lse.data_ptr<float>();
+  p.merge = true;
+  p.seq_lse = seq_lse.const_data_ptr<float>();
+  copy_strides(p.seq_lse_s, seq_lse);
+  switch (q.scalar_type()) {
+    case at::kFloat: cpu::prefix_attention_fwd_cpu_float(p); break;
+    case at::kBFloat16: cpu::prefix_attention_fwd_cpu_bf16(p); break;
+    default: cpu::prefix_attention_fwd_cpu_half(p); break;
+  }
+  return lse;
+}
+
+std::tuple<at::Tensor, at::Tensor> prefix_attention_merge_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_index,
+    const std::optional<at::Tensor>& prefix_lens, const at::Tensor& out, const at::Tensor& lse, double scale,
+    at::Tensor& dq) {
+  const char* op = "ptv2_fast.prefix_attention_merge_bwd";
+  check_scale(op, scale);
+  const AttnInputs in = check_attention(op, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, std::nullopt,
+                                        std::nullopt);
+  check_float_tensor(op, "dout", dout, 4, q);
+  check_float_tensor(op, "out", out, 4, q);
+  check_float_tensor(op, "dq", dq, 4, q);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dq.sizes() == q.sizes(), op,
+              ": dout, out and dq must have q's shape ", q.sizes());
+  const std::vector<int64_t> row_shape{q.size(0), q.size(1), q.size(2)};
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(row_shape) && lse.device() == q.device(), op,
+              ": lse must be [B, Hq, L] on q's device, got ", lse.sizes(), " on ", lse.device());
+  const at::Tensor lse_f = lse.to(at::kFloat).contiguous();
+  at::Tensor dpk = at::zeros_like(prefix_k);  // unused bank rows keep a zero gradient
+  at::Tensor dpv = at::zeros_like(prefix_v);
+  PrefixAttentionBwdParams p{};
+  fill_common(p, q, k, v, prefix_k, prefix_v, in, false, scale);
+  p.merge = true;  // prefix keys only; dq accumulates
+  p.out = const_cast<void*>(out.const_data_ptr());
+  copy_strides(p.out_s, out);
+  p.lse = const_cast<float*>(lse_f.const_data_ptr<float>());
+  p.dout = dout.const_data_ptr();
+  copy_strides(p.dout_s, dout);
+  p.dq = dq.data_ptr();
+  copy_strides(p.dq_s, dq);
+  p.dpk = dpk.data_ptr();
+  p.dpv = dpv.data_ptr();
+  copy_strides(p.dpk_s, dpk);
+  copy_strides(p.dpv_s, dpv);
+  switch (q.scalar_type()) {
+    case at::kFloat: cpu::prefix_attention_bwd_cpu_float(p); break;
+    case at::kBFloat16: cpu::prefix_attention_bwd_cpu_bf16(p); break;
+    default: cpu::prefix_attention_bwd_cpu_half(p); break;
+  }
+  return {dpk, dpv};
+}
+
 std::tuple<at::Tensor, at::Tensor> prefix_decode_attention(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
     const at::Tensor& prefix_k, const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_index,

@@ -25,6 +25,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, double dropout_p, int64_t seed,
     int64_t offset);
 
+// Merge mode for the sdpa backend: `out` [B, Hq, L, D] holds the sequence part's output and `seq_lse` its lse;
+// adds the prefix keys, overwrites `out` with the merged output and returns the merged lse [B, Hq, L].
+at::Tensor prefix_attention_merge_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_index,
+    const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& kv_lens,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, at::Tensor& out,
+    const at::Tensor& seq_lse);
+
+// Its backward over the prefix keys, given the merged out / lse: adds the prefix keys' part of dq into `dq` (the
+// sequence part's dq) and returns (dprefix_k, dprefix_v), reduced per bank row.
+std::tuple<at::Tensor, at::Tensor> prefix_attention_merge_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_index,
+    const std::optional<at::Tensor>& prefix_lens, const at::Tensor& out, const at::Tensor& lse, double scale,
+    at::Tensor& dq);
+
 // The Autograd-key kernel of prefix_attention_fwd: a C++ autograd Function over the forward and backward ops.
 std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,

@@ -24,6 +24,12 @@ struct PrefixAttentionFwdParams {
   uint64_t seed, offset;             // its counter-based stream (see DropoutStream in the CPU kernel)
   void* out; int64_t out_s[4];       // [B, Hq, L, D], dtype of q, any strides (allocated like q)
   float* lse;                        // [B, Hq, L] contiguous, natural log, -inf for a row that sees no key
+  // Merge mode (the `sdpa` backend: the sequence part came from PyTorch's attention kernels). The sequence
+  // stage is skipped; the sequence arguments above still define which keys a row may see. Forward starts each
+  // row's online softmax from the sequence part's (out, seq_lse), read from `out` in place (a row that sees no
+  // sequence key starts empty, whatever those hold); backward adds its dq into `dq` instead of storing it.
+  bool merge;
+  const float* seq_lse; int64_t seq_lse_s[3];  // [B, Hq, L], any strides (forward, merge mode only)
 };
 
 struct PrefixAttentionBwdParams : PrefixAttentionFwdParams {

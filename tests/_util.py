@@ -92,6 +92,8 @@ def make_problem(case: Case, device=DEVICE):
 
 
 def _loss(out, lse, dout, dlse):
+    if dlse is None:  # the loss through out only (what most callers do: lse gets no gradient)
+        return (out.float() * dout.float()).sum()
     finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     return (out.float() * dout.float()).sum() + (finite.float() * dlse.float()).sum()
 
@@ -126,10 +128,14 @@ def assert_rule(name, got, truth, naive, dtype):
     assert err <= 2 * base + floor, f"{name}: error {err:.3e} > 2 * naive {base:.3e} + floor {floor:.3e}"
 
 
-def check_case(case: Case, device=DEVICE, backend="triton", dropout_p=0.0, keep=None, torch_seed=None):
+def check_case(case: Case, device=DEVICE, backend="triton", dropout_p=0.0, keep=None, torch_seed=None,
+               lse_grad=True):
     """The op against the fp64 reference with the error rule. With dropout: ``keep`` is the mask the op
-    draws right after ``torch.manual_seed(torch_seed)``, given to the reference."""
+    draws right after ``torch.manual_seed(torch_seed)``, given to the reference. ``lse_grad=False``: the loss
+    goes through out only (lse gets no gradient)."""
     tensors, idx, kw, dout, dlse = make_problem(case, device)
+    if not lse_grad:
+        dlse = None
     if torch_seed is not None:
         torch.manual_seed(torch_seed)
     extra = {"dropout_p": dropout_p} if dropout_p else {}

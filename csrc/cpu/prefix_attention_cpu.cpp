@@ -123,6 +123,15 @@ void store_rows(T* dst, int64_t rs, int64_t cs, const float* src, int64_t rows, 
   }
 }
 
+// dst[r * rs + c * cs] += scale * src[r, c]: store_rows for a destination that already holds a partial sum.
+template <typename T>
+void add_rows(T* dst, int64_t rs, int64_t cs, const float* src, int64_t rows, int64_t D, int64_t ld, float scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* d = dst + r * rs;
+    for (int64_t c = 0; c < D; ++c) d[c * cs] = narrow<T>(widen(d[c * cs]) + src[r * ld + c] * scale);
+  }
+}
+
 // kt[c, j] = k[j, c] for j < nk, 0 for the padded columns the products read (a padded key scores 0 and is
 // masked after): up to width16(nk), or the whole tile past 96 keys, where gemm_a_bt uses the full width.
 void transpose_tile(float* __restrict kt, const float* __restrict k, int64_t nk, int64_t D) {
@@ -360,6 +369,31 @@ void load_key_tile(KeyTile& kt, const PrefixAttentionFwdParams& p, bool prefix, 
 // ---------------------------------------------------------------------------------------------------------
 // forward
 
+// Merge mode: the online-softmax state of queries [c0, c0 + MC) of (b, h) after the sequence keys, from the
+// sequence part's normalised output o and log-sum-exp: m = lse (base 2), l = 1, acc = o, which is exactly the
+// state the sequence stage would leave (acc / l = o, m + log2 l = lse). Rows that see no sequence key (padding,
+// or bottom-right causal before the first key) stay empty: vendor kernels write 0 (even lse = 0) or NaN there.
+template <typename T>
+void init_from_sequence_part(const PrefixAttentionFwdParams& p, const RowInfo& ri, int64_t b, int64_t h, int64_t c0,
+                             int64_t MC, float* acc, float* m, float* l) {
+  const int64_t Dp = padded(p.D);
+  int64_t first = 0;  // the first sequence key the padding leaves visible
+  if (p.kpm != nullptr) {
+    const bool* row = p.kpm + b * p.kpm_s[0];
+    while (first < ri.seq_end && !row[first * p.kpm_s[1]]) ++first;
+  }
+  const T* o = static_cast<const T*>(p.out) + b * p.out_s[0] + h * p.out_s[1];
+  const float* lse = p.seq_lse + b * p.seq_lse_s[0] + h * p.seq_lse_s[1];
+  for (int64_t r = 0; r < MC; ++r) {
+    const int64_t i = c0 + r;
+    const bool sees = first < ri.seq_end && (!p.causal || first <= i + p.S - p.L);
+    if (!sees) continue;
+    load_rows(acc + r * Dp, Dp, o + i * p.out_s[2], 1, 0, p.out_s[3], p.D);
+    m[r] = lse[i * p.seq_lse_s[2]] * LOG2E;
+    l[r] = 1.0f;
+  }
+}
+
 // One task per (b, h, chunk of QC queries): each key tile is loaded (and widened, transposed) once per chunk
 // and used by all of its BQ-row query tiles.
 constexpr int64_t QC = 256;
@@ -383,6 +417,7 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
       std::fill(acc.data(), acc.data() + MC * Dp, 0.0f);
       std::fill(m.data(), m.data() + MC, NEG_INF);
       std::fill(l.data(), l.data() + MC, 0.0f);
+      if (p.merge) init_from_sequence_part<T>(p, ri, b, h, c0, MC, acc.data(), m.data(), l.data());
 
       auto run_tile = [&](bool prefix, int64_t j0, int64_t nk) {
         TileMask mask{prefix, j0, nk, p.kpm ? p.kpm + b * p.kpm_s[0] : nullptr, p.kpm_s[1], p.causal, p.S - p.L};
@@ -423,7 +458,8 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
         }
       };
       for (int64_t j0 = 0; j0 < ri.plen; j0 += BK) run_tile(true, j0, std::min(BK, ri.plen - j0));
-      for (int64_t j0 = 0; j0 < ri.seq_end; j0 += BK) run_tile(false, j0, std::min(BK, ri.seq_end - j0));
+      if (!p.merge)
+        for (int64_t j0 = 0; j0 < ri.seq_end; j0 += BK) run_tile(false, j0, std::min(BK, ri.seq_end - j0));
 
       T* out = static_cast<T*>(p.out) + b * p.out_s[0] + h * p.out_s[1] + c0 * p.out_s[2];
       float* lse = p.lse + (b * p.Hq + h) * p.L + c0;
@@ -550,10 +586,14 @@ void backward_impl(const PrefixAttentionBwdParams& p) {
         }
       };
       for (int64_t j0 = 0; j0 < ri.plen; j0 += BK) run_tile(true, j0, std::min(BK, ri.plen - j0));
-      for (int64_t j0 = 0; j0 < ri.seq_end; j0 += BK) run_tile(false, j0, std::min(BK, ri.seq_end - j0));
+      if (!p.merge)
+        for (int64_t j0 = 0; j0 < ri.seq_end; j0 += BK) run_tile(false, j0, std::min(BK, ri.seq_end - j0));
       for (int64_t g = 0; g < G; ++g) {
         T* dqb = static_cast<T*>(p.dq) + b * p.dq_s[0] + (hk * G + g) * p.dq_s[1];
-        store_rows(dqb, p.dq_s[2], p.dq_s[3], dq.data() + g * L * Dp, L, D, Dp, p.scale);
+        if (p.merge)
+          add_rows(dqb, p.dq_s[2], p.dq_s[3], dq.data() + g * L * Dp, L, D, Dp, p.scale);
+        else
+          store_rows(dqb, p.dq_s[2], p.dq_s[3], dq.data() + g * L * Dp, L, D, Dp, p.scale);
       }
     }
   });

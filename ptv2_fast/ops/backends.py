@@ -13,7 +13,7 @@ import torch
 
 from .. import reference
 
-BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
+BACKENDS = ("auto", "triton", "sdpa", "cuda", "cpp", "reference")
 
 
 class BackendUnavailable(RuntimeError):
@@ -114,6 +114,21 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None
                                      "torch.float64 (use backend='reference' or 'auto' for float64 checks)")
         _triton_kernels()
         return "triton"
+    if backend == "sdpa":
+        # the prefix part (and the cases the vendor kernels cannot run) needs our fused kernel of the device
+        if device.type == "cpu":
+            if dtype is not None and dtype not in EXT_DTYPES:
+                raise BackendUnavailable(f"backend='sdpa' supports float32, float16 and bfloat16, got {dtype} "
+                                         "(use backend='reference')")
+            _require_extension()
+            return "sdpa"
+        if device.type != "cuda":
+            raise BackendUnavailable(f"backend='sdpa' runs on CPU and CUDA tensors, got {device.type} tensors")
+        if dtype == torch.float64:
+            raise BackendUnavailable("backend='sdpa' on CUDA supports float32, float16 and bfloat16, got "
+                                     "torch.float64 (use backend='reference')")
+        _triton_kernels()
+        return "sdpa"
     if backend == "cuda":
         raise BackendUnavailable("backend='cuda': the CUDA extension provides the decode kernel "
                                  "(ptv2_fast.prefix_decode_attention); prefix_attention on CUDA tensors runs in "

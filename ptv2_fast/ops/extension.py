@@ -22,6 +22,18 @@ def _bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens
     return tuple(torch.empty_like(x) for x in (q, k, v, prefix_k, prefix_v))  # each gradient laid out like its input
 
 
+@torch.library.register_fake("ptv2_fast::prefix_attention_merge_fwd")
+def _merge_fwd_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
+                    out, seq_lse):
+    B, Hq, L, D = q.shape
+    return q.new_empty((B, Hq, L), dtype=torch.float32)  # out is written in place
+
+
+@torch.library.register_fake("ptv2_fast::prefix_attention_merge_bwd")
+def _merge_bwd_fake(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, out, lse, scale, dq):
+    return torch.empty_like(prefix_k), torch.empty_like(prefix_v)  # dq is accumulated in place
+
+
 @torch.library.register_fake("ptv2_fast::prefix_decode_attention")
 def _decode_fake(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v, prefix_index, prefix_lens, page_table,
                  causal, scale, num_splits):

@@ -18,7 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, checks
+from . import backends, checks, sdpa
+
+# backend name -> forward / backward implementation (the backends' contract: ops/backends.py)
+FWD = {**backends.FWD, "sdpa": sdpa.sdpa_fwd}
+BWD = {**backends.BWD, "sdpa": sdpa.sdpa_bwd}
 
 _lib = torch.library.Library("ptv2_fast", "FRAGMENT")
 _lib.define(
@@ -52,8 +56,8 @@ def _capturing(q: Tensor) -> bool:
 def _fwd_impl(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
               dropout_p, rng_key, backend, check_values=True):
     """out [B, Hq, L, D] (q's dtype, q's memory layout where the backend can), lse [B, Hq, L] float32."""
-    if backend not in backends.FWD:
-        raise ValueError(f"backend must be one of {tuple(backends.FWD)} for the raw op, got {backend!r}")
+    if backend not in FWD:
+        raise ValueError(f"backend must be one of {tuple(FWD)} for the raw op, got {backend!r}")
     if backend == "cpp":
         # The C++ op checks shapes and (on the CPU, where it is free) index ranges itself; when it refuses,
         # the Python checks run to raise the same exception, naming the argument, as the other backends.
@@ -67,7 +71,7 @@ def _fwd_impl(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, k
     # the reference backend indexes the bank with prefix_index unclamped: it always checks the values
     _check_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, scale, dropout_p,
                check_values or backend == "reference")
-    return backends.FWD[backend](q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
+    return FWD[backend](q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                                  key_padding_mask, causal, scale, dropout_p, *_rng(rng_key))
 
 
@@ -82,15 +86,15 @@ def _check_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, 
 def _bwd_impl(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, out,
               lse, causal, scale, dropout_p, rng_key, backend):
     """(dq, dk, dv, dprefix_k, dprefix_v), each shaped and typed like its input. Not differentiable again."""
-    if backend not in backends.BWD:
-        raise ValueError(f"backend must be one of {tuple(backends.BWD)} for the raw op, got {backend!r}")
+    if backend not in BWD:
+        raise ValueError(f"backend must be one of {tuple(BWD)} for the raw op, got {backend!r}")
     if backend != "cpp":
         checks.check_shapes(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
                             dropout_p, scale)
         checks.check_backward(dout, dlse, out, lse, q)
-    grads = backends.BWD[backend](dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
+    grads = BWD[backend](dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens,
                                   key_padding_mask, out, lse, causal, scale, dropout_p, *_rng(rng_key))
-    if backend == "cpp":  # fresh tensors from C++
+    if backend in ("cpp", "sdpa"):  # fresh tensors (from C++, or from the vendor kernels / _in_layout)
         return grads
     # An op's outputs may not alias each other or its inputs.
     return tuple(g if g._base is None else g.clone() for g in grads)
