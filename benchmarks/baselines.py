@@ -6,6 +6,11 @@
   (GQA: K/V heads repeated when there is a mask, as transformers does).
 * ``sdpa_precat``: SDPA on K/V concatenated *before* timing (``precat`` builds them): a lower bound that
   pays no concatenation. Its gradients go to the pre-concatenated K/V, not to the bank.
+
+DESIGN.md's ``cascade`` (two attention calls merged by lse) is measured in its fair, fused form: the provider
+``ptv2_fast[sdpa]`` of ``op_bench`` (the sequence through PyTorch's fused kernels, the prefix read from the bank
+by our kernel, merged in its epilogue). The unfused version it replaced gathered the bank to B rows, repeated K/V
+heads for GQA and merged in a dozen elementwise ops, so it measured that overhead, not the idea.
 """
 
 from __future__ import annotations
@@ -66,49 +71,6 @@ def precat(k, v, prefix_k, prefix_v, prefix_index=None):
 def sdpa_precat(q, keys, values, mask=None, scale=None):
     """SDPA on pre-concatenated keys/values [B, Hkv, P + S, D] with an optional prebuilt mask."""
     return _sdpa(q, keys, values, mask, scale)
-
-
-def _attention_with_lse(q, k, v, mask, scale, causal=False):
-    """SDPA that also returns the log-sum-exp (natural log), through the fused kernels torch ships:
-    flash attention on CPU, memory-efficient attention on CUDA. Forward only: torch exposes no gradient
-    for their lse, so ``cascade`` is timed without backward. k/v must have q's head count."""
-    B, H, L, _ = q.shape
-    N = k.shape[2]
-    bias = None
-    if mask is not None:
-        # an additive bias whose last-dim stride is 16-byte aligned (the CUDA kernel requires it): allocate
-        # padded, use the first N columns; broadcast over heads
-        pad = -N % 16
-        full = torch.zeros((B, 1, L, N + pad), dtype=q.dtype, device=q.device)
-        bias = full[..., :N].masked_fill(~mask.expand(B, 1, L, N), float("-inf")).expand(B, H, L, N)
-    if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
-                                                                         scale=scale)
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal,
-                                                                      scale=scale)[:2]
-    return out, lse[..., :L]  # the kernel pads lse's query axis to a multiple of 32
-
-
-def cascade(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
-            key_padding_mask=None, causal=False, scale=None):
-    """Two attention calls, the prefix (each row's bank row, gathered) and the sequence, combined exactly
-    with ``merge_attention_states``: the cascade path of DESIGN.md section 6 (forward only)."""
-    from ptv2_fast import merge_attention_states
-
-    pk, pv = as_bank(prefix_k), as_bank(prefix_v)
-    B, Hq, L, D = q.shape
-    group = Hq // k.shape[1]
-    P = pk.shape[2]
-    rows = torch.zeros(B, dtype=torch.long, device=q.device) if prefix_index is None else prefix_index.long()
-    scale = D ** -0.5 if scale is None else scale
-    vis = visible_keys(B, L, k.shape[2], P, prefix_index=prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
-                       key_padding_mask=key_padding_mask, causal=causal, device=q.device)[:, None]
-    o_p, l_p = _attention_with_lse(q, pk[rows].repeat_interleave(group, 1), pv[rows].repeat_interleave(group, 1),
-                                   None if prefix_lens is None else vis[..., :P], scale)
-    plain_causal = causal and L == k.shape[2] and kv_lens is None and key_padding_mask is None
-    o_s, l_s = _attention_with_lse(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                   None if plain_causal else vis[..., P:], scale, causal=plain_causal)
-    return merge_attention_states(o_p, l_p, o_s, l_s)[0]
 
 
 def flash_attn_provider(shape, tensors, prefix_index, kw):

@@ -55,10 +55,9 @@ class Shape:
 
     def cache_bytes(self, provider: str, itemsize: int) -> int:
         """K/V bytes a serving cache holds for this shape: each row's copy of the prefix for the concatenating
-        paths and flash_attn (its cache rows hold [prefix ; sequence]), the bank once (T rows) for ptv2_fast
-        and cascade."""
+        paths and flash_attn (its cache rows hold [prefix ; sequence]), the bank once (T rows) for ptv2_fast."""
         per_key = 2 * self.Hkv * self.D * itemsize
-        if provider.startswith("ptv2_fast") or provider == "cascade":
+        if provider.startswith("ptv2_fast"):
             return per_key * (self.B * self.S + self.T * self.P)
         return per_key * self.B * (self.S + self.P)
 
@@ -133,9 +132,13 @@ def make_inputs(shape: Shape, dtype, device, seed: int = 0):
 
 
 def providers(shape: Shape, tensors, idx, kw, device):
-    """name -> (fn() -> out, leaves that take gradients, whether it has a backward)."""
+    """name -> (fn() -> out, leaves that take gradients, whether it has a backward).
+
+    ptv2_fast twice: as ``backend="auto"`` picks (``ptv2_fast[<its choice>]``) and as ``ptv2_fast[sdpa]``
+    (PyTorch's fused kernels on the sequence, ours on the prefix: the fair, fused form of a cascade), unless
+    auto already picks sdpa or sdpa cannot run here."""
     q, k, v, pk, pv = tensors
-    backend = ptv2_fast.resolve_backend("auto", device)
+    backend = ptv2_fast.resolve_backend("auto", device, q.dtype)
     mask = baselines.widened_mask(q, k, pk, idx, None, kw.get("kv_lens"), None, shape.causal)
     keys, values = baselines.precat(k, v, pk, pv, idx)
     provs = {
@@ -143,8 +146,10 @@ def providers(shape: Shape, tensors, idx, kw, device):
         "naive_eager": (lambda: baselines.naive_eager(q, k, v, pk, pv, idx, **kw), tensors, True),
         "sdpa_concat": (lambda: baselines.sdpa_concat(q, k, v, pk, pv, idx, **kw), tensors, True),
         "sdpa_precat": (lambda: baselines.sdpa_precat(q, keys, values, mask), (q, keys, values), True),
-        "cascade": (lambda: baselines.cascade(q, k, v, pk, pv, idx, **kw), tensors, False),
     }
+    if backend != "sdpa" and _sdpa_runs(device, q.dtype):
+        provs["ptv2_fast[sdpa]"] = (
+            lambda: ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, backend="sdpa", **kw), tensors, True)
     flash = baselines.flash_attn_provider(shape, tensors, idx, kw)
     if flash is not None:
         provs["flash_attn"] = (flash, tensors, False)
@@ -152,6 +157,34 @@ def providers(shape: Shape, tensors, idx, kw, device):
     if decode is not None:
         provs.update(decode)
     return provs
+
+
+def _sdpa_runs(device, dtype) -> bool:
+    from ptv2_fast.ops.backends import BackendUnavailable
+
+    try:
+        ptv2_fast.resolve_backend("sdpa", device, dtype)
+    except BackendUnavailable:
+        return False
+    return True
+
+
+def kernels(shape: Shape, tensors, idx, kw) -> dict:
+    """The attention kernel each SDPA-based provider actually runs: for ``ptv2_fast[sdpa]`` the sequence part's
+    (``ptv2_fast.ops.sdpa.sequence_kernel``), for the concatenating SDPA baselines ``torch._fused_sdp_choice``."""
+    from torch.nn.attention import SDPBackend
+
+    from ptv2_fast.ops import sdpa
+
+    q, k, v, pk, pv = tensors
+    mask = baselines.widened_mask(q, k, pk, idx, None, kw.get("kv_lens"), None, shape.causal)
+    keys, values = baselines.precat(k, v, pk, pv, idx)
+    try:
+        choice = SDPBackend(torch._fused_sdp_choice(q, keys, values, mask)).name
+    except (RuntimeError, ValueError) as e:
+        choice = f"unknown ({type(e).__name__})"
+    return {"ptv2_fast[sdpa]": sdpa.sequence_kernel(q, k, kw.get("kv_lens"), None, shape.causal),
+            "sdpa_precat": choice, "sdpa_concat": choice}
 
 
 def _decode_provider(shape: Shape, tensors, idx, kw):
@@ -214,7 +247,8 @@ def time_ms(fn, leaves, dout, mode, device, warmup: int, reps: int) -> float:
 
 def interleaved_ms(entries: dict, dout, mode, device, warmup: int, reps: int) -> dict:
     """Median ms of each provider {name: (fn, leaves, ...)}, their repeats interleaved round-robin, so that a
-    slow spell of a shared machine falls on every provider alike rather than on whichever ran then."""
+    slow spell of a shared machine falls on every provider alike rather than on whichever ran then.
+    ``samples_ms`` (the same call's raw repeats, in ms) is filled as a side result for spreads and ratios."""
     for _ in range(warmup):
         for fn, leaves, *_ in entries.values():
             _once(fn, leaves, dout, mode, device)
@@ -222,7 +256,12 @@ def interleaved_ms(entries: dict, dout, mode, device, warmup: int, reps: int) ->
     for _ in range(reps):
         for name, (fn, leaves, *_) in entries.items():
             samples[name].append(_once(fn, leaves, dout, mode, device))
+    samples_ms.clear()
+    samples_ms.update({name: [t * 1e3 for t in v] for name, v in samples.items()})
     return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
+
+
+samples_ms: dict = {}  # the last interleaved_ms call's repeats per provider, in ms
 
 
 @contextlib.contextmanager
@@ -322,7 +361,7 @@ def run(shape: Shape, dtype: str = "fp32", device: str = "cpu", modes=MODES, war
         progress=True, bar=None) -> dict:
     """Benchmark every provider on ``shape``; returns the JSON-ready result.
 
-    Providers without a backward (cascade, flash_attn) are timed in fwd/decode modes only. Within a mode the
+    Providers without a backward (flash_attn, the decode kernel) are timed in fwd/decode modes only. Within a mode the
     providers' repeats are interleaved (``interleaved_ms``), so the ratios of one run compare like with like.
     ``bar``: a tqdm bar advanced once per (provider, mode).
     """
@@ -341,6 +380,7 @@ def run(shape: Shape, dtype: str = "fp32", device: str = "cpu", modes=MODES, war
         if got.shape != truth.shape:
             raise RuntimeError(f"{name} returned shape {list(got.shape)}, expected {list(truth.shape)}")
         errs[name] = (got.double() - truth).abs().max().item()
+    precat_reps = {}
     for mode in modes:
         if progress and bar is None:
             print(f"  {mode:<8}", end="\r", file=sys.stderr, flush=True)
@@ -353,19 +393,30 @@ def run(shape: Shape, dtype: str = "fp32", device: str = "cpu", modes=MODES, war
             if name not in timed:
                 continue
             ms = ms_of[name]
-            row = {"provider": name, "mode": mode, "ms": ms, "tflops": shape.flops(mode) / ms / 1e9,
+            reps_ms = samples_ms[name]
+            row = {"provider": name, "mode": mode, "ms": ms, "ms_min": min(reps_ms), "ms_max": max(reps_ms),
+                   "tflops": shape.flops(mode) / ms / 1e9,
                    "peak_mem_mb": peak_mem_mb(fn, leaves, dout, mode, device), "max_err": errs[name]}
             if mode == "decode":
                 row["cache_mb"] = shape.cache_bytes(name, itemsize) / 2**20
+            row["_reps"] = reps_ms
             rows.append(row)
+        if "sdpa_precat" in samples_ms:
+            precat_reps[mode] = samples_ms["sdpa_precat"]
     if progress and bar is None:
         print(" " * 40, end="\r", file=sys.stderr)
     for r in rows:
         same = {o["provider"]: o["ms"] for o in rows if o["mode"] == r["mode"]}
         r["vs_naive_eager"] = r["ms"] / same["naive_eager"]
         r["vs_sdpa_concat"] = r["ms"] / same["sdpa_concat"]
+        # the ratio within each interleaved round, median and range: drift of a shared machine cancels out
+        reps_ms = r.pop("_reps")
+        rounds = [a / b for a, b in zip(reps_ms, precat_reps[r["mode"]])] if r["mode"] in precat_reps else []
+        if rounds:
+            r["vs_sdpa_precat"] = statistics.median(rounds)
+            r["vs_sdpa_precat_range"] = [min(rounds), max(rounds)]
     return {"environment": environment(device), "dtype": dtype, "shape": dataclasses.asdict(shape),
-            "warmup": warmup, "reps": reps, "results": rows}
+            "warmup": warmup, "reps": reps, "kernels": kernels(shape, tensors, idx, kw), "results": rows}
 
 
 def run_preset(name: str, dtype: str = "fp32", device: str = "cpu", modes=None, warmup: int = 3, reps: int = 10,
@@ -382,7 +433,7 @@ def run_preset(name: str, dtype: str = "fp32", device: str = "cpu", modes=None, 
             tqdm = None
         if tqdm is not None:
             unique = len({tuple(dataclasses.asdict(shape).values()) for _, shape in shapes})
-            bar = tqdm(total=unique * 6 * len(modes), desc=f"bench {name}", unit="run", leave=False)
+            bar = tqdm(total=unique * 5 * len(modes), desc=f"bench {name}", unit="run", leave=False)
     runs, done = [], {}
     for series, shape in shapes:
         key = tuple(dataclasses.asdict(shape).values())
@@ -413,14 +464,16 @@ def format_table(result: dict) -> str:
 
 
 def format_summary(result: dict) -> str:
-    """One line per (shape, mode) of a ``run_preset`` result: ptv2_fast's time, its ratio to each baseline
-    measured in the same run (< 1 means ptv2_fast is faster), and peak memory."""
+    """One line per (shape, mode) of a ``run_preset`` result: ptv2_fast's time (backend "auto"), its ratio to each
+    baseline measured in the same run (< 1 means ptv2_fast is faster), ``ptv2_fast[sdpa]``'s time and ratio to
+    ``sdpa_precat`` where auto picked another backend, and peak memory."""
     env = result["environment"]
     lines = [f"ptv2-fast bench {result['preset']} ({result['dtype']}): {result['description']}",
              f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}",
              "time ratio = ptv2_fast / baseline (below 1: ptv2_fast faster); memory = peak MiB of one step", ""]
     head = (f"{'B':>3} {'Hq/Hkv':>6} {'L':>5} {'S':>5} {'P':>4} {'T':>2} {'mode':<8} {'ptv2 ms':>9} {'/naive':>7} "
-            f"{'/sdpa_cat':>9} {'/precat':>8} {'/cascade':>8} {'mem ptv2':>9} {'naive':>8} {'sdpa_cat':>8}")
+            f"{'/sdpa_cat':>9} {'/precat':>8} {'[sdpa] ms':>9} {'/precat':>8} {'mem ptv2':>9} {'naive':>8} "
+            f"{'sdpa_cat':>8}")
     lines += [head, "-" * len(head)]
     seen = set()
     for run in result["runs"]:
@@ -434,10 +487,14 @@ def format_summary(result: dict) -> str:
             ours = next((r for p, r in rows.items() if p.startswith("ptv2_fast")), None)
             if ours is None:
                 continue
+            alt = rows.get("ptv2_fast[sdpa]") if ours["provider"] != "ptv2_fast[sdpa]" else None
 
             def ratio(name, rows=rows, ours=ours):
                 r = rows.get(name)
                 return f"{ours['ms'] / r['ms']:.2f}" if r else "-"
+
+            alt_ms = f"{alt['ms']:.3f}" if alt else "-"
+            alt_precat = f"{alt['vs_sdpa_precat']:.2f}" if alt and "vs_sdpa_precat" in alt else "-"
 
             def mem(name, rows=rows):
                 r = rows.get(name)
@@ -445,6 +502,6 @@ def format_summary(result: dict) -> str:
 
             lines.append(f"{s['B']:>3} {str(s['Hq']) + '/' + str(s['Hkv']):>6} {s['L']:>5} {s['S']:>5} {s['P']:>4} "
                          f"{s['T']:>2} {mode:<8} {ours['ms']:>9.3f} {ratio('naive_eager'):>7} "
-                         f"{ratio('sdpa_concat'):>9} {ratio('sdpa_precat'):>8} {ratio('cascade'):>8} "
+                         f"{ratio('sdpa_concat'):>9} {ratio('sdpa_precat'):>8} {alt_ms:>9} {alt_precat:>8} "
                          f"{mem(ours['provider']):>9} {mem('naive_eager'):>8} {mem('sdpa_concat'):>8}")
     return "\n".join(lines)

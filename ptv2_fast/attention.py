@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .ops import backends, checks
-from .ops.prefix_attention import prefix_attention_op
+from .ops.prefix_attention import _needs_autograd, prefix_attention_op
 
 
 def draw_rng_key() -> torch.Tensor:
@@ -16,9 +16,10 @@ def draw_rng_key() -> torch.Tensor:
     return key
 
 
-def resolve_backend(backend: str, device, dtype=None, dropout_p: float = 0.0) -> str:
-    """The backend ``prefix_attention(..., backend=backend)`` would use for tensors on ``device``."""
-    return backends.resolve(backend, torch.device(device), dtype, float(dropout_p))
+def resolve_backend(backend: str, device, dtype=None, dropout_p: float = 0.0, grad: bool = True) -> str:
+    """The backend ``prefix_attention(..., backend=backend)`` would use for tensors on ``device`` (``grad``:
+    for a call that will be differentiated; "auto" may pick another backend for inference)."""
+    return backends.resolve(backend, torch.device(device), dtype, float(dropout_p), grad)
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_lens=None, kv_lens=None,
@@ -40,10 +41,13 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_l
         dropout_p: attention dropout probability in [0, 1); the mask is drawn from torch's default
             generator (``torch.manual_seed`` makes it reproducible) and replayed exactly in backward.
         return_lse: also return lse [B, Hq, L] float32 (natural log; -inf for a row that sees no key).
-        backend: "auto" (Triton on CUDA tensors; on CPU tensors the fused C++ extension, built on first
-            use, or the reference for float64 or when the extension cannot be built), "triton", "cpp" (CPU)
-            or "reference". "cuda" is refused: CUDA's native kernel is the decode op. Each backend draws its
-            own dropout stream (reproducible per seed, replayed in its backward).
+        backend: "auto" (one rule table, ``ptv2_fast.ops.backends.AUTO_RULES``, from measurements: Triton on
+            CUDA tensors; on CPU tensors the fused C++ extension, built on first use, except bfloat16
+            inference, which runs "sdpa"; the reference for float64 or when nothing else can run),
+            "triton", "sdpa" (the sequence through PyTorch's fused attention kernels, the prefix through
+            ours, merged exactly: ``ptv2_fast.ops.sdpa``), "cpp" (CPU) or "reference". "cuda" is refused:
+            CUDA's native kernel is the decode op. Each backend draws its own dropout stream (reproducible
+            per seed, replayed in its backward).
         check_values: range-check the values of ``prefix_index``, ``prefix_lens`` and ``kv_lens`` (default).
             On a GPU this reads them back once per new (or modified) tensor: one host sync. Pass False when
             they were validated already (a patched Hugging Face model validates once per forward, not per
@@ -68,7 +72,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_l
         checks.check_shapes(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask, dropout_p, scale)
     # Shapes, dtypes and devices are checked once, by the backend's raw op (in C++ for the C++ extension;
     # the same messages either way), not here as well.
-    name = backends.resolve(backend, q.device, q.dtype, dropout_p)
+    name = backends.resolve(backend, q.device, q.dtype, dropout_p,
+                            backend != "auto" or _needs_autograd(q, k, v, pk, pv))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     rng_key = draw_rng_key() if dropout_p > 0.0 else None
     out, lse = prefix_attention_op(q, k, v, pk, pv, prefix_index, prefix_lens, kv_lens, key_padding_mask,

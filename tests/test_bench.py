@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ptv2_fast
+from ptv2_fast import _ext
 from ptv2_fast.benchmarks import baselines, op_bench
 from ptv2_fast.cli import main
 from ptv2_fast.reference import prefix_attention_ref
@@ -28,7 +29,7 @@ def test_baselines_equal_the_reference(case):
     if "key_padding_mask" in kw:
         kw["key_padding_mask"][:, 0] = True
     truth = prefix_attention_ref(*tensors, idx, compute_dtype=torch.float64, **kw)
-    for fn in (baselines.naive_eager, baselines.sdpa_concat, baselines.cascade):
+    for fn in (baselines.naive_eager, baselines.sdpa_concat):
         torch.testing.assert_close(fn(*tensors, idx, **kw).double(), truth.double(), rtol=1e-5, atol=1e-5)
     q, k, v, pk, pv = tensors
     keys, values = baselines.precat(k, v, pk, pv, idx)
@@ -42,9 +43,15 @@ def test_bench_run_reports_every_provider_and_mode():
     shape = op_bench.Shape(B=2, Hq=2, Hkv=1, L=16, S=24, P=8, T=2, D=16, causal=True)
     res = op_bench.run(shape, dtype="fp32", device="cpu", warmup=0, reps=2, progress=False)
     names = {r["provider"] for r in res["results"]}
-    assert names == {OURS, "naive_eager", "sdpa_concat", "sdpa_precat", "cascade"}
+    assert names == {OURS, "naive_eager", "sdpa_concat", "sdpa_precat"} | ({"ptv2_fast[sdpa]"} if _ext.load() else set())
     assert {r["mode"] for r in res["results"]} == {"fwd", "fwd+bwd"}
-    assert {r["mode"] for r in res["results"] if r["provider"] == "cascade"} == {"fwd"}  # no lse gradient
+    for name in names:  # every provider in every mode
+        assert {r["mode"] for r in res["results"] if r["provider"] == name} == {"fwd", "fwd+bwd"}
+    # the kernel each SDPA-based provider ran
+    from torch.nn.attention import SDPBackend
+
+    assert res["kernels"]["sdpa_precat"] in SDPBackend.__members__  # MATH here: GQA with a mask
+    assert res["kernels"]["ptv2_fast[sdpa]"] == "cpu_flash"
     for r in res["results"]:
         assert r["ms"] > 0 and r["tflops"] > 0 and r["max_err"] < 1e-4, r
         assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0
@@ -104,7 +111,8 @@ def test_bench_modes_bwd_and_decode():
     assert decode[OURS]["cache_mb"] < decode["sdpa_precat"]["cache_mb"]
     assert all(r["max_err"] < 1e-4 and r["ms"] > 0 for r in res["results"])
     assert {r["provider"] for r in res["results"] if r["mode"] == "bwd"} == {
-        OURS, "naive_eager", "sdpa_concat", "sdpa_precat"}
+        OURS, "naive_eager", "sdpa_concat", "sdpa_precat"} | ({"ptv2_fast[sdpa]"} if _ext.load() else set())
+    assert decode["ptv2_fast[sdpa]"]["max_err"] < 1e-4
 
 
 def test_presets_are_well_formed():

@@ -45,7 +45,7 @@ def _loss(out, head, mask):
 
 @pytest.mark.parametrize("model_type,head,pad,tasks", list(_cases()))
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_matches_naive_concatenation(model_type, head, pad, tasks, train):
+def test_matches_naive_concatenation(model_type, head, pad, tasks, train, backend="auto"):
     """Outputs and prefix-bank gradients equal the naive path: per-sample prefix copies in the cache and a
     widened mask (what PEFT and P-Tuning v2 do), on an unpatched copy of the same model."""
     model = tiny_model(model_type, head).to(DEVICE).train(train)
@@ -57,7 +57,7 @@ def test_matches_naive_concatenation(model_type, head, pad, tasks, train):
     ids, mask = ids.to(DEVICE), None if mask is None else mask.to(DEVICE)
 
     source = FixedBank(bank)
-    patch_model(model, prefix=source)
+    patch_model(model, prefix=source, backend=backend)
     out = model(input_ids=ids, attention_mask=mask, prefix_index=index)
     ref_bank = bank.clone().requires_grad_(True)
     ref_out = naive_forward(ref, ref_bank, index, ids, mask)
@@ -72,6 +72,17 @@ def test_matches_naive_concatenation(model_type, head, pad, tasks, train):
     torch.testing.assert_close(source.bank.grad, ref_bank.grad, atol=ATOL * 10, rtol=RTOL * 10)
     if tasks == "mixed":  # bank row 1 is used once, row 0 once, row 2 twice: all get gradient
         assert all(source.bank.grad[:, :, t].abs().sum() > 0 for t in range(T))
+
+
+@pytest.mark.parametrize("model_type,head,pad,tasks", list(_cases()))
+def test_matches_naive_concatenation_with_the_sdpa_backend(model_type, head, pad, tasks):
+    """The same equivalence with the sequence part through PyTorch's fused attention (training mode: forward
+    and backward)."""
+    from ptv2_fast import _ext
+
+    if DEVICE == "cpu" and not _ext.load():
+        pytest.skip("backend='sdpa' on the CPU needs the C++ extension")
+    test_matches_naive_concatenation(model_type, head, pad, tasks, True, backend="sdpa")
 
 
 def test_unused_bank_rows_get_zero_gradient():

@@ -6,6 +6,7 @@ the argument lists of ``ptv2_fast.kernels.prefix_attention_fwd`` / ``prefix_atte
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -68,39 +69,94 @@ def _ext_state() -> dict:
     return _ext._state
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None, dropout_p: float = 0.0) -> str:
+@dataclasses.dataclass(frozen=True)
+class AutoRule:
+    """One row of ``backend="auto"``'s table: for ``device`` tensors ("*": any device) of one of ``dtypes``, the
+    first of ``backends`` that can run here. ``evidence``: what decided the order (figures in the README's
+    Performance section, files in benchmarks/results/)."""
+
+    device: str
+    dtypes: tuple
+    backends: tuple
+    evidence: str
+    grad: bool | None = None  # True: calls that will be differentiated, False: inference, None: both
+
+
+# backend="auto", decided in one place. First matching row wins; a device or dtype no row names gets the
+# concatenating reference.
+AUTO_RULES = (
+    AutoRule("cpu", (torch.bfloat16,), ("sdpa", "cpp", "reference"),
+             "cpu-ext preset, bf16, 2 threads, 2026-12-01 (bench_cpu-ext_bf16.json): forward of sdpa 0.58x the "
+             "fused C++ kernel's time at the SmolLM2-like shape, 0.97x at the MiniLM-like one", grad=False),
+    AutoRule("cpu", (torch.float32, torch.bfloat16), ("cpp", "reference"),
+             "cpu-ext preset, 2 threads, 2026-12-01 (bench_cpu-ext.json, bench_cpu-ext_bf16.json): the fused C++ "
+             "kernel beats sdpa in forward+backward at both shapes (fp32 0.80x / 0.76x sdpa's time, bf16 "
+             "0.26x / 0.76x), and in fp32 forward (0.87x / 0.90x)"),
+    AutoRule("cpu", (torch.float16,), ("cpp", "reference"),
+             "sdpa runs float16 on the CPU through the fused C++ kernel anyway (see ops/sdpa.py)"),
+    AutoRule("cuda", EXT_DTYPES, ("triton", "reference"),
+             "sdpa on CUDA has not run on a GPU yet (none lent since it was written); the one GPU run "
+             "(H100, 2026-11-26) measured triton. benchmarks/gpu_check.sh runs sdpa's GPU tests and both "
+             "backends in the presets; the row changes with those numbers"),
+    AutoRule("*", (torch.float64,), ("reference",),
+             "the fused kernels take 16- and 32-bit floats; float64 is for checks"),
+)
+
+_auto_rules: dict = {}
+
+
+def auto_rule(device_type: str, dtype: torch.dtype | None, grad: bool = True) -> AutoRule:
+    """The row of ``AUTO_RULES`` for tensors of this device type and dtype (None: float32), for a call that
+    will be differentiated (``grad``) or not."""
+    key = (device_type, dtype, grad)
+    rule = _auto_rules.get(key)
+    if rule is None:
+        dt = torch.float32 if dtype is None else dtype
+        rule = next((r for r in AUTO_RULES if r.device in (device_type, "*") and dt in r.dtypes
+                     and r.grad in (None, grad)),
+                    AutoRule("*", (dt,), ("reference",), "no fused backend for this device or dtype"))
+        _auto_rules[key] = rule
+    return rule
+
+
+def _ready(name: str) -> bool:
+    # already known to run here, without imports or exceptions (this runs once per layer call)
+    return (name == "reference" or (name in ("cpp", "sdpa") and _ext_state()["loaded"])
+            or (name == "triton" and _triton_ok))
+
+
+def _auto(device: torch.device, dtype, grad: bool) -> str:
+    rule = auto_rule(device.type, dtype, grad)
+    if _ready(rule.backends[0]):
+        return rule.backends[0]
+    failure = None
+    for name in rule.backends:
+        try:
+            chosen = resolve(name, device, dtype)
+        except BackendUnavailable as e:
+            failure = failure or e
+            continue
+        if name == "triton":
+            _set_triton_ok()
+        if failure is not None and device.type == "cuda":
+            what = "concatenating reference" if chosen == "reference" else chosen
+            warnings.warn(f"ptv2_fast: {failure}; backend='auto' falls back to the {what} backend, which is "
+                          "slower and uses more memory.", stacklevel=4)
+        return chosen
+    raise failure
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None, dropout_p: float = 0.0,
+            grad: bool = True) -> str:
     """The concrete backend name for a request, or a clear error when it cannot run on ``device``.
 
-    ``auto``: Triton on CUDA tensors (float64 there: the concatenating reference, since the Triton kernels do
-    not compile for float64 on a GPU); on CPU tensors the C++ extension (built on first use) for float32,
-    float16 and bfloat16, else the concatenating reference."""
+    ``auto``: the table ``AUTO_RULES`` (today: Triton on CUDA tensors; on CPU tensors the fused C++ kernel,
+    except bfloat16 inference, where ``sdpa`` measured faster; the concatenating reference for float64 or where
+    none of them can run). ``grad``: whether the call will be differentiated."""
     if backend == "auto":
-        # the common answers first, without imports or exceptions (this runs once per layer call)
-        kind = device.type
-        if kind == "cuda" and dtype is not torch.float64 and _triton_ok:
-            return "triton"
-        if kind == "cpu" and (dtype is None or dtype in EXT_DTYPES) and _ext_state()["loaded"]:
-            return "cpp"
+        return _auto(device, dtype, grad)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type != "cuda":
-            if device.type == "cpu" and (dtype is None or dtype in EXT_DTYPES):
-                from .. import _ext
-
-                if _ext.load():
-                    return "cpp"
-            return "reference"
-        if dtype == torch.float64:
-            return "reference"
-        try:
-            _triton_kernels()
-            _set_triton_ok()
-            return "triton"
-        except BackendUnavailable as e:
-            warnings.warn(f"ptv2_fast: {e}; backend='auto' falls back to the concatenating reference "
-                          "backend, which is slower and uses more memory.", stacklevel=3)
-            return "reference"
     if backend == "triton":
         if device.type == "cpu" and not _interpreting():
             raise BackendUnavailable(
