@@ -2,7 +2,8 @@
 # One-shot GPU check, under a time budget, in order of what matters most:
 #   0. the profile probe (benchmarks/gpu_probe.py: the op at the BERT-large layer shape as HF calls it, dropout 0
 #      and 0.1, and a warm BERT-large training step and inference pass, PEFT vs patched; at most 240 s);
-#   1. the GPU tests (Triton kernels in fp32/fp16/bf16, torch.compile/CUDA graphs, the HF patch on the GPU);
+#   1. the GPU tests (Triton kernels and the sdpa backend in fp32/fp16/bf16, torch.compile/CUDA graphs, the HF
+#      patch on the GPU);
 #      meanwhile the C++/CUDA extension builds in the background, then the decode kernel's tests run;
 #   2. `ptv2-fast e2e bert-large` (50 training steps, PEFT vs patched);
 #   3. `ptv2-fast bench --preset ptv2-nlu` (bf16);
@@ -73,8 +74,9 @@ if want tests; then
   # the gpu-marked matrix first (fp32/fp16/bf16 against fp64, large shapes): Triton compiles on a fresh machine
   # took over 180 s for the whole selection on the H100, so what matters most runs before the budget is spent
   tests_end=$(( $(date +%s) + $(left) * ${TESTS_SHARE:-45} / 100 ))
-  files="tests/test_prefix_attention.py tests/test_dropout.py tests/test_merge.py tests/test_checks.py
-    tests/test_torch_integration.py tests/test_hf_patch.py tests/test_hf_peft.py tests/test_reference_backend.py"
+  files="tests/test_prefix_attention.py tests/test_sdpa_backend.py tests/test_dropout.py tests/test_merge.py
+    tests/test_checks.py tests/test_torch_integration.py tests/test_hf_patch.py tests/test_hf_peft.py
+    tests/test_reference_backend.py"
   for sel in "gpu" "not gpu"; do
     PTV2_FAST_DISABLE_EXT=1 timeout $(( tests_end - $(date +%s) > 10 ? tests_end - $(date +%s) : 10 )) \
       $py -m pytest -q -p no:cacheprovider $workers -rfE --tb=short -m "$sel" $files > "$run/tests_${sel// /_}.log" 2>&1

@@ -18,31 +18,35 @@ from _util import Case, check_case, make_problem, run_op
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
+# the CPU tests need the C++ extension (the prefix part on the CPU); the GPU tests need only Triton
 needs_ext = pytest.mark.skipif(not _ext.load(), reason=f"extension unavailable: {_ext.status()['error']}")
-pytestmark = needs_ext
 
 CASES = [pytest.param(c, id=c.id()) for c in (Case(**{**b.__dict__, "dtype": dt})
                                                for dt in (F32, F16, BF16) for b in BASE_CASES)]
 
 
+@needs_ext
 @pytest.mark.parametrize("case", CASES)
 def test_matches_fp64_reference_through_the_vendor_backward(case, poisoned_outputs):
     # loss through out only: the vendor backward runs with the merged statistics
     check_case(case, device="cpu", backend="sdpa", lse_grad=False)
 
 
+@needs_ext
 @pytest.mark.parametrize("case", CASES)
 def test_matches_fp64_reference_with_a_gradient_through_lse(case, poisoned_outputs):
     # no vendor backward takes dlse: the fused backward runs, with the same merged statistics
     check_case(case, device="cpu", backend="sdpa")
 
 
+@needs_ext
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id()) for c in LARGE_CASES]
                          + [pytest.param(Case(**{**LARGE_CASES[1].__dict__, "dtype": BF16}), id="large-bf16")])
 def test_large_shapes_match_fp64_reference(case, poisoned_outputs):
     check_case(case, device="cpu", backend="sdpa", lse_grad=False)
 
 
+@needs_ext
 @pytest.mark.parametrize("case", [
     pytest.param(Case(P=7, T=3, Hkv=2, causal=True, mask="kv_lens", plens=True), id="gqa-causal-kvlens"),
     pytest.param(Case(B=3, Hq=4, Hkv=2, L=70, S=150, P=20, T=2, D=32, causal=True, mask="kpm", dtype=BF16),
@@ -57,6 +61,7 @@ def test_dropout_runs_the_fused_kernel_with_its_mask(case, poisoned_outputs):
                lse_grad=False)
 
 
+@needs_ext
 def test_sequence_kernel_names_what_runs():
     q = torch.randn(2, 4, 5, 32)
     k = torch.randn(2, 2, 7, 32)
@@ -68,6 +73,7 @@ def test_sequence_kernel_names_what_runs():
     assert sdpa.sequence_kernel(q[:, :, :0], k) == "fused:cpp"
 
 
+@needs_ext
 @pytest.mark.parametrize("S, L", [(0, 5), (7, 0)])
 def test_empty_sequence_or_queries(S, L):
     # the vendor CPU kernel kills the process on an empty axis: these must never reach it
@@ -80,6 +86,7 @@ def test_empty_sequence_or_queries(S, L):
     torch.testing.assert_close(lse, ref_lse)
 
 
+@needs_ext
 def test_float64_is_refused_with_a_pointer_to_the_reference():
     tensors, idx, kw, _, _ = make_problem(Case(dtype=torch.float64), "cpu")
     with pytest.raises(BackendUnavailable, match="backend='reference'"):
@@ -88,6 +95,7 @@ def test_float64_is_refused_with_a_pointer_to_the_reference():
 
 # --- the merge step alone: the C++ op started from a sequence part's (out, lse) -------------------------------
 
+@needs_ext
 @pytest.mark.parametrize("case", [
     pytest.param(Case(P=7, T=3, Hkv=2, L=29, S=17, causal=True, mask="kv_lens", plens=True), id="causal-L>S-kvlens"),
     pytest.param(Case(P=0, T=1, mask="kpm"), id="P0-kpm"),
@@ -117,6 +125,7 @@ def test_merge_ignores_whatever_a_vendor_wrote_in_rows_without_sequence_keys(cas
     torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-5)
 
 
+@needs_ext
 def test_merge_backward_adds_into_dq():
     case = Case(P=7, T=3, Hkv=2, mask="kv_lens")
     (q, k, v, pk, pv), idx, kw, dout, _ = make_problem(case, "cpu")
@@ -145,6 +154,7 @@ def _counts(fn):
     return dict(c["aten"])
 
 
+@needs_ext
 def test_one_vendor_call_and_one_merge_each_way():
     # Hugging Face's layout ([B, L, H, D] memory), which the CPU kernel's outputs and gradients have: no copies
     case = Case(B=2, Hq=4, Hkv=2, L=17, S=29, P=7, T=3, D=32, causal=True, mask="kv_lens", layout="blhd")
@@ -158,6 +168,7 @@ def test_one_vendor_call_and_one_merge_each_way():
                    "prefix_attention_merge_bwd": 1}, bwd
 
 
+@needs_ext
 def test_padding_bias_is_built_once_per_padding_tensor():
     case = Case(B=2, Hq=4, L=9, S=11, P=3, T=1, D=16, mask="kpm", causal=True)
     (q, k, v, pk, pv), idx, kw, _, _ = make_problem(case, "cpu")
@@ -176,10 +187,12 @@ def _sample():
     return (q, k, v, pk, pv, idx, kw["prefix_lens"], kw["kv_lens"], None, True, 0.25, 0.0, None, "sdpa")
 
 
+@needs_ext
 def test_opcheck():
     torch.library.opcheck(torch.ops.ptv2_fast.prefix_attention.default, _sample())
 
 
+@needs_ext
 def test_opcheck_backward_op():
     q, k, v, pk, pv, idx, plens, kvl, kpm, causal, scale, p, key, backend = _sample()
     out, lse = torch.ops.ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, plens, kvl, kpm, causal, scale, p, key,
@@ -190,6 +203,7 @@ def test_opcheck_backward_op():
         torch.library.opcheck(torch.ops.ptv2_fast.prefix_attention_backward.default, args)
 
 
+@needs_ext
 def test_torch_compile_fullgraph_matches_eager():
     tensors, idx, kw, dout, _ = make_problem(Case(P=7, T=3, Hkv=2, mask="kpm", causal=True), "cpu")
 
@@ -208,6 +222,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 # --- the CUDA vendor calls: argument plumbing checked on meta tensors here, numbers on a GPU --------------------
 
+@needs_ext
 @pytest.mark.parametrize("kernel, dtype, pad", [("flash", BF16, None), ("efficient", F32, "kv_lens"),
                                                 ("efficient", F16, "kpm")])
 def test_cuda_vendor_calls_have_the_right_arguments(kernel, dtype, pad):
@@ -240,6 +255,7 @@ def test_gpu_vendor_kernel_choice(dtype):
     assert not out.isnan().any() and all(not g.isnan().any() for g in grads)
 
 
+@needs_ext
 def test_auto_follows_the_one_rule_table():
     from ptv2_fast.ops import backends
 
@@ -255,6 +271,7 @@ def test_auto_follows_the_one_rule_table():
     assert backends.auto_rule("mps", F32).backends == ("reference",)
 
 
+@needs_ext
 def test_auto_decides_inference_and_training_separately():
     from ptv2_fast.benchmarks.host import count_device_work
 
