@@ -4,6 +4,7 @@ Kill and crash scenarios run in subprocesses with timeouts, so a regression fail
 hanging or crashing the suite.
 """
 
+import json
 import os
 import pickle
 import subprocess
@@ -242,3 +243,70 @@ def test_raw_op_refuses_bad_input(backend):
                                                       out, lse, False, 0.25, 0.0, None, backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         op(q, k, v, pk, pv, None, None, None, None, False, 0.25, 0.0, None, "nonsense")
+
+
+# --- issue 18 item 10: training data and flags ----------------------------------------------------------------
+
+def test_task_names_cannot_leave_the_run_folder(tmp_path):
+    from ptv2_fast.train import load_task
+
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(10)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for name in ("../../x", "a/b", "..", ".hidden", "a b", "x" * 101):
+        with pytest.raises(ValueError, match="task name"):
+            load_task(f"{name}={tmp_path / 'd.jsonl'}")
+    assert load_task(f"ok-1.v2={tmp_path / 'd.jsonl'}").name == "ok-1.v2"
+
+
+def test_labels_that_name_one_class_are_one_class_and_bools_are_refused(tmp_path):
+    from ptv2_fast.train import load_task_file
+
+    rows = [{"text": f"t{i}", "label": v} for i, v in enumerate([0, 1, 1.0, 0.0, "1", "0", 1, 0, 1, 0])]
+    (tmp_path / "n.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert load_task_file(tmp_path / "n.jsonl").labels == ["0", "1"]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows + [{"text": "x", "label": True}]))
+    with pytest.raises(ValueError, match="record 10 has the boolean label"):
+        load_task_file(tmp_path / "b.jsonl")
+
+
+def test_bad_json_names_the_file_and_line_and_bad_records_are_refused(tmp_path):
+    from ptv2_fast.train import load_task_file
+
+    (tmp_path / "a.jsonl").write_text('{"text": "x", "label": 1}\n{"text": "y", "label": \n')
+    with pytest.raises(ValueError, match=r"a\.jsonl:2: invalid JSON"):
+        load_task_file(tmp_path / "a.jsonl")
+    (tmp_path / "b.json").write_text('[\n  {"text": "x", "label": 1},\n  {"text": "y" "label": 0}\n]')
+    with pytest.raises(ValueError, match=r"b\.json:3: invalid JSON"):
+        load_task_file(tmp_path / "b.json")
+    (tmp_path / "c.json").write_text('[{"text": "x", "label": 1}, ["y", 0]]')
+    with pytest.raises(ValueError, match="record 1 is a list"):
+        load_task_file(tmp_path / "c.json")
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "\xff\xfe", "label": 1}\n')
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_task_file(tmp_path / "d.jsonl")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("lr", float("nan"), "lr must be a positive finite number"),
+    ("lr", -1.0, "lr must be a positive finite number"),
+    ("head_lr", float("inf"), "head_lr must be a positive finite number"),
+    ("prefix_dropout", 1.0, "prefix_dropout"),
+    ("prefix_len", 0, "prefix_len must be positive"),
+])
+def test_impossible_settings_are_refused_before_any_work(tmp_path, field, value, match):
+    from ptv2_fast.train import TrainConfig, train
+
+    cfg = TrainConfig(tasks=["sentiment"], out_dir=str(tmp_path / "run"), progress=False, **{field: value})
+    with pytest.raises(ValueError, match=match):
+        train(cfg)
+    assert not (tmp_path / "run" / "prefix.safetensors").exists()
+
+
+def test_an_out_that_cannot_hold_a_run_is_refused_before_training(tmp_path):
+    from ptv2_fast.train import TrainConfig, train
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        train(TrainConfig(tasks=["sentiment"], out_dir=str(tmp_path / "file"), progress=False))
+    with pytest.raises(ValueError, match="cannot be written"):  # a folder that cannot be created
+        train(TrainConfig(tasks=["sentiment"], out_dir=str(tmp_path / "file" / "run"), progress=False))

