@@ -310,3 +310,53 @@ def test_an_out_that_cannot_hold_a_run_is_refused_before_training(tmp_path):
         train(TrainConfig(tasks=["sentiment"], out_dir=str(tmp_path / "file"), progress=False))
     with pytest.raises(ValueError, match="cannot be written"):  # a folder that cannot be created
         train(TrainConfig(tasks=["sentiment"], out_dir=str(tmp_path / "file" / "run"), progress=False))
+
+
+# --- issue 18 item 7: NaN in, NaN out; hidden slots never reach the result (the C++ kernels) -------------------
+
+def _nan_problem():
+    from _util import Case, make_problem
+
+    (q, k, v, pk, pv), idx, kw, dout, _ = make_problem(Case(B=3, Hq=4, Hkv=2, L=9, S=40, P=5, T=3, D=16,
+                                                            mask="kpm"), "cpu")
+    return [x.detach() for x in (q, k, v, pk, pv)], idx, kw, dout
+
+
+@pytest.mark.skipif(not _ext.load(), reason="needs the C++ extension")
+def test_cpp_a_nan_query_gives_nan_not_a_masked_row():
+    import ptv2_fast
+
+    (q, k, v, pk, pv), idx, kw, dout = _nan_problem()
+    q[1, 2, 3, 0] = float("nan")
+    q.requires_grad_()
+    out, lse = ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, backend="cpp", return_lse=True, **kw)
+    assert out[1, 2, 3].isnan().all() and lse[1, 2, 3].isnan()
+    rest = torch.ones_like(lse, dtype=torch.bool)
+    rest[1, 2, 3] = False
+    assert not out[rest].isnan().any() and not lse[rest].isnan().any()
+    (dq,) = torch.autograd.grad((out * dout).sum(), q)
+    assert dq[1, 2, 3].isnan().all() and not dq[rest].isnan().any()
+
+
+@pytest.mark.skipif(not _ext.load(), reason="needs the C++ extension")
+def test_cpp_keys_hidden_by_the_padding_mask_never_leak_nan():
+    import ptv2_fast
+
+    (q, k, v, pk, pv), idx, kw, dout = _nan_problem()
+    kpm = kw["key_padding_mask"]
+    hidden = (~kpm).nonzero()
+    assert len(hidden) > 0
+    clean = [x.clone().requires_grad_() for x in (q, k, v)]
+    dirty_k, dirty_v = k.clone(), v.clone()
+    for b, j in hidden.tolist():
+        dirty_k[b, :, j] = float("nan")
+        dirty_v[b, :, j] = float("inf")
+    dirty = [q.clone().requires_grad_(), dirty_k.requires_grad_(), dirty_v.requires_grad_()]
+    outs = []
+    for qq, kk, vv in (clean, dirty):
+        o = ptv2_fast.prefix_attention(qq, kk, vv, pk, pv, idx, backend="cpp", **kw)
+        outs.append((o, torch.autograd.grad((o * dout).sum(), (qq, kk, vv))))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1][0], outs[1][1][0])  # dq
+    for g in outs[1][1]:
+        assert not g.isnan().any()

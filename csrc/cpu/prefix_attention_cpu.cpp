@@ -56,13 +56,14 @@ inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return std::min(std:
 
 // max and sum over n (a multiple of 16) floats, in 16 lanes: an fp reduction in one accumulator would not
 // vectorise without -ffast-math (reassociation).
+// NaN wins: a NaN score (from a NaN query or a NaN visible key) must make its row NaN, not vanish in a compare.
 inline float max16(const float* __restrict x, int64_t n) {
   float lane[16];
   for (int w = 0; w < 16; ++w) lane[w] = x[w];
   for (int64_t j = 16; j < n; j += 16)
-    for (int w = 0; w < 16; ++w) lane[w] = lane[w] > x[j + w] ? lane[w] : x[j + w];
+    for (int w = 0; w < 16; ++w) lane[w] = (lane[w] >= x[j + w] || lane[w] != lane[w]) ? lane[w] : x[j + w];
   float m = lane[0];
-  for (int w = 1; w < 16; ++w) m = m > lane[w] ? m : lane[w];
+  for (int w = 1; w < 16; ++w) m = (m >= lane[w] || m != m) ? m : lane[w];
   return m;
 }
 
@@ -362,6 +363,16 @@ void load_key_tile(KeyTile& kt, const PrefixAttentionFwdParams& p, bool prefix, 
   const int64_t* vs = prefix ? p.pv_s : p.v_s;
   load_rows(kt.k.data(), Dp, kb, nk, ks[2], ks[3], D);
   load_rows(kt.v.data(), Dp, vb, nk, vs[2], vs[3], D);
+  if (!prefix && p.kpm != nullptr) {
+    // A hidden key's probability is 0, but 0 * NaN is NaN: a key the padding mask hides must not reach the
+    // result through its (possibly NaN or inf) values, forward or backward.
+    const bool* row = p.kpm + b_or_t * p.kpm_s[0];
+    for (int64_t j = 0; j < nk; ++j)
+      if (!row[(j0 + j) * p.kpm_s[1]]) {
+        std::fill(kt.k.data() + j * Dp, kt.k.data() + (j + 1) * Dp, 0.0f);
+        std::fill(kt.v.data() + j * Dp, kt.v.data() + (j + 1) * Dp, 0.0f);
+      }
+  }
   transpose_tile(kt.kt.data(), kt.k.data(), nk, Dp);
   if (want_vt) transpose_tile(kt.vt.data(), kt.v.data(), nk, Dp);
 }
@@ -434,6 +445,11 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
             float* sr = s.data() + r * BK;
             const float mx = max16(sr, nw);
             const float m_old = m[t0 + r], m_new = std::max(m_old, mx);
+            if (std::isnan(mx) || std::isnan(m_old)) {  // NaN in, NaN out (not a "fully masked" 0)
+              m[t0 + r] = l[t0 + r] = std::numeric_limits<float>::quiet_NaN();
+              std::fill(sr, sr + nw, 0.0f);
+              continue;
+            }
             if (m_new == NEG_INF) {  // nothing visible yet: keep the state, contribute nothing
               std::fill(sr, sr + nw, 0.0f);
               continue;
@@ -496,6 +512,10 @@ struct BwdTileMath {
       float* pr_r = pr.data() + r * BK;
       if (lse2[r] == NEG_INF) {  // the row sees no key at all: no gradient through it
         std::fill(pr_r, pr_r + nw, 0.0f);
+        continue;
+      }
+      if (std::isnan(lse2[r])) {  // a NaN row's gradient is NaN (exp2_inplace would clamp NaN to a number)
+        std::fill(pr_r, pr_r + nw, std::numeric_limits<float>::quiet_NaN());
         continue;
       }
       for (int64_t j = 0; j < nw; ++j) pr_r[j] -= lse2[r];
