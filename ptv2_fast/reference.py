@@ -73,17 +73,30 @@ def prefix_attention_ref(q, k, v, prefix_k, prefix_v, prefix_index=None, *, pref
 
     # The naive path: one copy of the prefix per batch row, concatenated in front of the sequence.
     keys, values = concat_prefix(k, v, prefix_k, prefix_v, prefix_index, group=group, dtype=dt)
-    scores = torch.matmul(q.to(dt), keys.transpose(-1, -2)) * scale
     vis = visible_keys(B, L, S, P, prefix_index=prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
                        key_padding_mask=key_padding_mask, causal=causal, device=q.device)[:, None]
 
+    keys, values = hide_unseen(keys, values, vis)
+    scores = torch.matmul(q.to(dt), keys.transpose(-1, -2)) * scale
     return _attend(scores, vis, values, q.dtype, dt, dropout_mask, dropout_p, return_lse)
+
+
+def hide_unseen(keys, values, vis):
+    """keys/values [B, H, N, D] with the slots no query of the row sees (padding, columns past a task's prefix
+    length) set to 0: a hidden slot's probability is 0, but 0 * NaN is NaN, so its contents must not reach the
+    result or the gradients. ``vis``: bool [B, 1, L, N]."""
+    seen = vis.any(dim=2)[..., None]  # [B, 1, N, 1]
+    return keys.masked_fill(~seen, 0.0), values.masked_fill(~seen, 0.0)
 
 
 def _attend(scores, vis, values, out_dtype, dt, dropout_mask=None, dropout_p=0.0, return_lse=False):
     """Masked softmax of ``scores`` [B, H, L, N] over the visible keys ``vis`` (broadcastable bool), times
     ``values`` [B, H, N, D]; rows that see nothing give out = 0 and lse = -inf."""
     sdt = torch.promote_types(dt, torch.float32)
+    if scores.shape[-1] == 0:  # no key at all (P = S = 0): every row is empty
+        out = torch.zeros((*scores.shape[:-1], values.shape[-1]), dtype=out_dtype, device=scores.device)
+        lse = torch.full(scores.shape[:-1], float("-inf"), dtype=sdt, device=scores.device)
+        return (out, lse) if return_lse else out
     scores = scores.to(sdt).masked_fill(~vis, float("-inf"))
     m = scores.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
@@ -135,11 +148,12 @@ def prefix_decode_attention_ref(q, k_cache, v_cache, cache_seqlens, prefix_k, pr
     Hkv, S, P = k.shape[1], k.shape[2], as_bank(prefix_k).shape[2]
     scale = D ** -0.5 if scale is None else scale
     keys, values = concat_prefix(k, v, prefix_k, prefix_v, prefix_index, group=Hq // Hkv, dtype=dt)
-    scores = torch.matmul(q.to(dt), keys.transpose(-1, -2)) * scale
     seqlens = cache_seqlens.long()
     vis = visible_keys(B, Lq, S, P, prefix_index=prefix_index, prefix_lens=prefix_lens, kv_lens=seqlens,
                        device=q.device)
     if causal:
         limit = seqlens[:, None] - Lq + torch.arange(Lq, device=q.device)[None]  # [B, Lq]
         vis[:, :, P:] &= torch.arange(S, device=q.device)[None, None] <= limit[:, :, None]
+    keys, values = hide_unseen(keys, values, vis[:, None])
+    scores = torch.matmul(q.to(dt), keys.transpose(-1, -2)) * scale
     return _attend(scores, vis[:, None], values, q.dtype, dt, return_lse=return_lse)

@@ -360,3 +360,44 @@ def test_cpp_keys_hidden_by_the_padding_mask_never_leak_nan():
     assert torch.equal(outs[0][1][0], outs[1][1][0])  # dq
     for g in outs[1][1]:
         assert not g.isnan().any()
+
+
+@pytest.mark.parametrize("mask", ["kv_lens", "kpm", "plens"])
+def test_reference_hidden_slots_never_leak_nan(mask):
+    # NaN/inf in slots no query sees (past kv_lens, masked by key_padding_mask, past a task's prefix length)
+    import ptv2_fast
+
+    from _util import Case, make_problem
+
+    case = Case(B=3, Hq=4, Hkv=2, L=6, S=11, P=5, T=3, D=16, mask="none" if mask == "plens" else mask,
+                plens=mask == "plens", dtype=torch.float64)
+    (q, k, v, pk, pv), idx, kw, dout, _ = make_problem(case, "cpu")
+    base = [x.detach() for x in (q, k, v, pk, pv)]
+    dirty = [x.clone() for x in base]
+    if mask == "kv_lens":
+        for b, n in enumerate(kw["kv_lens"].tolist()):
+            dirty[1][b, :, n:], dirty[2][b, :, n:] = float("nan"), float("inf")
+    elif mask == "kpm":
+        hid = ~kw["key_padding_mask"]
+        dirty[1][hid[:, None, :, None].expand_as(dirty[1])] = float("nan")
+        dirty[2][hid[:, None, :, None].expand_as(dirty[2])] = float("nan")
+    else:
+        for t, n in enumerate(kw["prefix_lens"].tolist()):
+            dirty[3][t, :, n:], dirty[4][t, :, n:] = float("nan"), float("nan")
+    results = []
+    for xs in (base, dirty):
+        xs = [x.clone().requires_grad_() for x in xs]
+        out = ptv2_fast.prefix_attention(*xs, idx, backend="reference", **kw)
+        results.append((out, torch.autograd.grad((out * dout).sum(), xs[0])))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1][0], results[1][1][0])
+
+
+def test_reference_with_no_keys_at_all():
+    import ptv2_fast
+
+    q = torch.randn(2, 2, 3, 16, dtype=torch.float64, requires_grad=True)
+    empty = torch.zeros(2, 2, 0, 16, dtype=torch.float64)
+    out, lse = ptv2_fast.prefix_attention(q, empty, empty, empty[:1], empty[:1], backend="reference", return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
+    (g,) = torch.autograd.grad(out.sum(), q)
+    assert torch.equal(g, torch.zeros_like(g))

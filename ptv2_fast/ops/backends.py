@@ -280,6 +280,7 @@ def _ref_bwd_rows(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_
     qc, doc = q.to(cdt), dout.to(cdt)
     vis = reference.visible_keys(B, L, S, P, prefix_index=prefix_index, prefix_lens=prefix_lens, kv_lens=kv_lens,
                                  key_padding_mask=key_padding_mask, causal=causal, device=q.device)[:, None]
+    keys, values = reference.hide_unseen(keys, values, vis)
     lse_c = lse.to(cdt)[..., None]
     empty = torch.isinf(lse_c)
     scores = torch.matmul(qc, keys.transpose(-1, -2)) * scale
