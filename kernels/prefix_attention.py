@@ -99,23 +99,19 @@ def _kpm_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor):
     return kpm, kpm.stride(0), kpm.stride(1)
 
 
-@_on_q_device
-def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
-                         causal: bool, scale: float, dropout_p: float, seed: int, rng_offset: int):
-    """Returns (out [B, Hq, L, D] in q's dtype and layout (``torch.empty_like(q)``), lse [B, Hq, L] fp32).
-
-    One launch."""
+def _launch_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
+                dropout_p, seed, rng_offset, out, lse, seq_lse):
+    """The forward launch; ``seq_lse`` given means merge mode (OUT holds the sequence part on entry)."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     T, P = prefix_k.shape[0], prefix_k.shape[2]
-    out = torch.empty_like(q)
-    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
-    if B * Hq * L == 0:
-        return out, lse
     bm, bn, warps, stages = _config("fwd", L, max(S, P), D)
     upcast, dot_prec, acc = _flags(q)
     kpm, skpm_b, skpm_n = _kpm_arg(key_padding_mask, lse)
     seed, rng_offset = _rng(seed, rng_offset)
+    merge = seq_lse is not None
+    # Unused without MERGE: strides of 1 are specialised into constants, so the fused kernel's code is unchanged.
+    seq_lse, sl_strides = (seq_lse, seq_lse.stride()) if merge else (lse, (1, 1, 1))
     grid = (B * Hq, triton.cdiv(L, bm))
     prefix_attention_fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, _opt(prefix_index, lse), _opt(prefix_lens, lse), _opt(kv_lens, lse), kpm,
@@ -124,12 +120,49 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *out.stride(),
         skpm_b, skpm_n,
         Hq, L, S, T, P, D, Hq // Hkv,
+        seq_lse, *sl_strides,
         HAS_PIDX=prefix_index is not None, HAS_PLENS=prefix_lens is not None,
         HAS_KVLENS=kv_lens is not None, HAS_KPM=key_padding_mask is not None,
-        CAUSAL=causal, DROPOUT=dropout_p > 0.0, UPCAST=upcast, DOT_PREC=dot_prec, ACC=acc,
+        CAUSAL=causal, DROPOUT=dropout_p > 0.0, UPCAST=upcast, DOT_PREC=dot_prec, ACC=acc, MERGE=merge,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), num_warps=warps, num_stages=stages,
     )
+
+
+@_on_q_device
+def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                         causal: bool, scale: float, dropout_p: float, seed: int, rng_offset: int):
+    """Returns (out [B, Hq, L, D] in q's dtype and layout (``torch.empty_like(q)``), lse [B, Hq, L] fp32).
+
+    One launch."""
+    B, Hq, L, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    if B * Hq * L == 0:
+        return out, lse
+    _launch_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
+                dropout_p, seed, rng_offset, out, lse, None)
     return out, lse
+
+
+@_on_q_device
+def prefix_attention_merge_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                               causal: bool, scale: float, dropout_p: float, seed: int, rng_offset: int,
+                               out: torch.Tensor, seq_lse: torch.Tensor) -> torch.Tensor:
+    """Adds the prefix to a sequence-only attention computed elsewhere (the ``sdpa`` backend) and merges.
+
+    ``out`` [B, Hq, L, D] (q's dtype, any strides) holds the sequence part's output on entry and the merged
+    output on return; ``seq_lse`` [B, Hq, L] fp32 (any strides) is the sequence part's lse. Rows that see no
+    sequence key (from kv_lens / key_padding_mask / causal) are taken as empty whatever these hold there.
+    k and v give S and Hkv and are never read; dropout applies to the prefix columns only, with the fused
+    kernel's keep mask. Returns the merged lse, a new contiguous [B, Hq, L] fp32 tensor (-inf, with out = 0,
+    where a row sees no key at all). One launch."""
+    B, Hq, L, _ = q.shape
+    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    if B * Hq * L == 0:
+        return lse
+    _launch_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask, causal, scale,
+                dropout_p, seed, rng_offset, out, lse, seq_lse)
+    return lse
 
 
 @functools.cache
@@ -161,14 +194,44 @@ def prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, 
     Two launches (dq with delta; dk/dv of sequence and prefix together), three when the prefix reduction is
     split over batch rows (fp32 partials, then one kernel sums them in order). No other device work: rows are
     grouped by task inside the kernel, dlse and dout are read through their strides."""
-    B, Hq, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    T, P = prefix_k.shape[0], prefix_k.shape[2]
-    dev = q.device
+    B, Hq, L, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dpk, dpv = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
     if B * Hq * L == 0:
         return (dq.zero_(), dk.zero_(), dv.zero_(), dpk.zero_(), dpv.zero_())
+    _launch_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                out, lse, causal, scale, dropout_p, seed, rng_offset, dq, dk, dv, dpk, dpv, False)
+    return dq, dk, dv, dpk, dpv
+
+
+@_on_q_device
+def prefix_attention_merge_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, out, lse,
+                               scale: float, dropout_p: float, seed: int, rng_offset: int, dq: torch.Tensor):
+    """The prefix keys' share of the gradients of a merged attention (``prefix_attention_merge_fwd``).
+
+    ``out`` and ``lse`` are the merged output and lse (lse read as contiguous [B * Hq, L] rows, as the merge
+    forward returns it; another layout is copied); ``dq`` [B, Hq, L, D] (any strides) holds the sequence keys'
+    dq, computed by the vendor backward with these merged statistics, and gets the prefix keys' dq added in
+    place. The sequence keys' dk/dv are the vendor's, so k and v are never read (the kernels run with S = 0).
+    Returns (dprefix_k, dprefix_v) like the fused backward: shaped, typed and laid out like the bank, reduced
+    per bank row in-kernel, 0 for unused rows. Two launches (three when the prefix reduction is split)."""
+    B, Hq, L, _ = q.shape
+    dpk, dpv = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
+    if B * Hq * L == 0 or prefix_k.shape[2] == 0:  # nothing to add to dq
+        return dpk.zero_(), dpv.zero_()
+    k0, v0 = k[:, :, :0], v[:, :, :0]  # an empty sequence stage; never written (no sequence programs)
+    _launch_bwd(dout, None, q, k0, v0, prefix_k, prefix_v, prefix_index, prefix_lens, None, None,
+                out, lse, False, scale, dropout_p, seed, rng_offset, dq, k0, v0, dpk, dpv, True)
+    return dpk, dpv
+
+
+def _launch_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, kv_lens, key_padding_mask,
+                out, lse, causal, scale, dropout_p, seed, rng_offset, dq, dk, dv, dpk, dpv, dq_accum):
+    """The backward launches into the given gradient tensors; ``dq_accum`` adds to the dq found in ``dq``."""
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    T, P = prefix_k.shape[0], prefix_k.shape[2]
+    dev = q.device
     upcast, dot_prec, acc = _flags(q)
     bd = _block_d(D)
     group = Hq // Hkv
@@ -190,7 +253,7 @@ def prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, 
         Hq, L, S, T, P, D, group,
         HAS_PIDX=prefix_index is not None, HAS_PLENS=prefix_lens is not None,
         HAS_KVLENS=kv_lens is not None, HAS_KPM=key_padding_mask is not None, HAS_DLSE=dlse is not None,
-        CAUSAL=causal, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec, ACC=acc,
+        DQ_ACCUM=dq_accum, CAUSAL=causal, DROPOUT=drop, UPCAST=upcast, DOT_PREC=dot_prec, ACC=acc,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
     )
 
@@ -226,7 +289,6 @@ def prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, 
         prefix_attention_bwd_reduce_kernel[(triton.cdiv(n, block),)](
             part_k, part_v, dpk, dpv, nsplit, n, *dpk.stride(), *dpv.stride(), Hkv, P, D, BLOCK=block,
         )
-    return dq, dk, dv, dpk, dpv
 
 
 def prefix_attention_dropout_mask(B: int, Hq: int, L: int, S: int, P: int, dropout_p: float, seed: int,

@@ -19,6 +19,12 @@ At most three launches, none with atomics, so results are bitwise deterministic:
      * sequence programs, one per (key block, b, hk), looping over the GROUP query heads of hk (the GQA
        reduction) and the query blocks that can see the key block;
   3. only with NSPLIT > 1: the partials summed in split order and cast to the bank's dtype.
+
+Merge mode (the ``sdpa`` backend): the vendor backward, given the merged out and lse, already produced the
+sequence keys' dq, dk, dv, because p_ij = exp(s_ij - lse_i) and delta_i = do_i . out_i only need the merged
+statistics. The prefix keys' share is then the same kernels with the sequence stage empty (S = 0): launch 1
+with DQ_ACCUM adds scale * sum_{j in prefix} ds_ij kp_j to the dq it finds in DQ, launch 2 has prefix
+programs only.
 """
 
 import triton
@@ -55,12 +61,13 @@ def prefix_attention_bwd_dq_kernel(
     stride_kpmb, stride_kpmn,
     Hq, L, S, T, P, D, GROUP,
     HAS_PIDX: tl.constexpr, HAS_PLENS: tl.constexpr, HAS_KVLENS: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DLSE: tl.constexpr,
+    HAS_DLSE: tl.constexpr, DQ_ACCUM: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid: (B * Hq, cdiv(L, BLOCK_M)). Writes DQ [B, Hq, L, D] and DELTA [B, Hq, L] (fp32) for the dk/dv
-    launch: delta_i = do_i . out_i - dlse_i, computed here from the tiles this program owns."""
+    launch: delta_i = do_i . out_i - dlse_i, computed here from the tiles this program owns.
+    DQ_ACCUM: DQ holds a partial dq on entry (the sequence keys' share); this program adds its own to it."""
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -110,7 +117,12 @@ def prefix_attention_bwd_dq_kernel(
 
     dq_ptrs = (DQ + b * stride_dqb + h * stride_dqh + offs_m.to(tl.int64)[:, None] * stride_dqm
                + offs_d.to(tl.int64)[None, :] * stride_dqd)
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    dq_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    dq = dq * sm_scale
+    if DQ_ACCUM:
+        # Summed in ACC and rounded once: the same tile is read and written by this program only.
+        dq += tl.load(dq_ptrs, mask=dq_mask, other=0.0).to(ACC)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=dq_mask)
 
 
 @triton.jit

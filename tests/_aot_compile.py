@@ -74,6 +74,11 @@ def record(dtype, D, dropout):
         out, lse = launch.prefix_attention_fwd(q, k, v, pk, pv, idx, plens, kv_lens, mask, causal, D ** -0.5, p, 7, 3)
         launch.prefix_attention_bwd(torch.randn_like(q), torch.randn_like(lse), q, k, v, pk, pv, idx, plens, kv_lens,
                                     mask, out, lse, causal, D ** -0.5, p, 7, 3)
+        # the sdpa backend's merge variants (MERGE forward, DQ_ACCUM dq, prefix-only dk/dv)
+        lse2 = launch.prefix_attention_merge_fwd(q, k, v, pk, pv, idx, plens, kv_lens, mask, causal, D ** -0.5, p,
+                                                 7, 3, out.clone(), lse)
+        launch.prefix_attention_merge_bwd(torch.randn_like(q), q, k, v, pk, pv, idx, plens, out, lse2, D ** -0.5, p,
+                                          7, 3, torch.zeros_like(q))
     if dropout:
         launch.prefix_attention_dropout_mask(B, Hq, L, S, P, p, 7, 3, "cpu")
 

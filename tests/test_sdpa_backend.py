@@ -3,6 +3,8 @@ exactly. The fp64-reference matrix of DESIGN.md §5 (out, lse, all five gradient
 through out only (the vendor backward runs) and through lse too (the fused backward runs), the merge step's own
 contract, what a call launches, opcheck and torch.compile; GPU-marked: the same matrix on CUDA."""
 
+import os
+
 import pytest
 import torch
 from test_cpp_extension import P_DROP, _cpp_mask
@@ -282,3 +284,31 @@ def test_auto_decides_inference_and_training_separately():
     with count_device_work() as c:
         ptv2_fast.prefix_attention(*tensors, idx, **kw)  # differentiable: the fused C++ kernel
     assert c["aten"].get("prefix_attention_fwd") == 1, c["aten"]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", [
+    pytest.param(Case(P=7, T=3, Hkv=4, Hq=4, L=29, S=17, causal=True, mask="kv_lens", plens=True),
+                 id="causal-L>S-kvlens"),
+    pytest.param(Case(P=5, T=3, Hkv=4, Hq=4, mask="kpm", layout="blhd"), id="kpm-blhd"),
+])
+def test_cuda_path_through_the_triton_merge_kernels(case, monkeypatch, poisoned_outputs):
+    # The CUDA branch of the backend (vendor sequence part, then the Triton merge kernels), on the CPU: the
+    # vendor calls are stood in by the CPU flash kernel, Triton runs in its interpreter (GPU: the real thing).
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs Triton's interpreter on CPU tensors (machines without a GPU); a GPU runs the real path")
+
+    def seq_fwd(kernel, q, k, v, kv_lens, kpm, causal, scale):
+        bias, is_causal = sdpa._bias(q, k.shape[2], kv_lens, kpm, causal)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=bias,
+                                                                         scale=scale)
+
+    def seq_bwd(kernel, dout, q, k, v, kv_lens, kpm, out, lse, causal, scale):
+        bias, is_causal = sdpa._bias(q, k.shape[2], kv_lens, kpm, causal)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=bias, scale=scale)
+
+    monkeypatch.setattr(sdpa, "sequence_kernel", lambda *a, **k: "efficient")
+    monkeypatch.setattr(sdpa, "_cuda_sequence_fwd", seq_fwd)
+    monkeypatch.setattr(sdpa, "_cuda_sequence_bwd", seq_bwd)
+    check_case(case, device="cpu", backend="sdpa", lse_grad=False)
