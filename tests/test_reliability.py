@@ -323,11 +323,19 @@ def _nan_problem():
 
 
 @pytest.mark.skipif(not _ext.load(), reason="needs the C++ extension")
-def test_cpp_a_nan_query_gives_nan_not_a_masked_row():
+@pytest.mark.parametrize("where", ["query", "visible-key"])
+def test_cpp_a_nan_query_gives_nan_not_a_masked_row(where):
     import ptv2_fast
 
     (q, k, v, pk, pv), idx, kw, dout = _nan_problem()
-    q[1, 2, 3, 0] = float("nan")
+    if where == "query":
+        q[1, 2, 3, 0] = float("nan")
+    else:  # a prefix key of row 1's task: seen by every query of that row; check one query of it
+        pk[idx[1], 2 // (q.shape[1] // k.shape[1]), 0, 0] = float("nan")
+        others = idx != idx[1]
+        out = ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, backend="cpp", **kw)
+        assert out[1].isnan().any() and out[1, 2, 3].isnan().all() and not out[others].isnan().any()
+        return
     q.requires_grad_()
     out, lse = ptv2_fast.prefix_attention(q, k, v, pk, pv, idx, backend="cpp", return_lse=True, **kw)
     assert out[1, 2, 3].isnan().all() and lse[1, 2, 3].isnan()

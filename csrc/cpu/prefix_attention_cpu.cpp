@@ -56,14 +56,15 @@ inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return std::min(std:
 
 // max and sum over n (a multiple of 16) floats, in 16 lanes: an fp reduction in one accumulator would not
 // vectorise without -ffast-math (reassociation).
-// NaN wins: a NaN score (from a NaN query or a NaN visible key) must make its row NaN, not vanish in a compare.
+// A NaN score may or may not survive this max (it does when a row is all NaN, e.g. a NaN query); where it does
+// not, exp2 of the NaN score still makes the row's sum NaN. The caller turns a NaN max into a NaN row.
 inline float max16(const float* __restrict x, int64_t n) {
   float lane[16];
   for (int w = 0; w < 16; ++w) lane[w] = x[w];
   for (int64_t j = 16; j < n; j += 16)
-    for (int w = 0; w < 16; ++w) lane[w] = (lane[w] >= x[j + w] || lane[w] != lane[w]) ? lane[w] : x[j + w];
+    for (int w = 0; w < 16; ++w) lane[w] = lane[w] > x[j + w] ? lane[w] : x[j + w];
   float m = lane[0];
-  for (int w = 1; w < 16; ++w) m = (m >= lane[w] || m != m) ? m : lane[w];
+  for (int w = 1; w < 16; ++w) m = m > lane[w] ? m : lane[w];
   return m;
 }
 
@@ -445,7 +446,12 @@ void forward_impl(const PrefixAttentionFwdParams& p) {
             float* sr = s.data() + r * BK;
             const float mx = max16(sr, nw);
             const float m_old = m[t0 + r], m_new = std::max(m_old, mx);
-            if (std::isnan(mx) || std::isnan(m_old)) {  // NaN in, NaN out (not a "fully masked" 0)
+            // NaN in, NaN out (not a "fully masked" 0): a NaN max, or a -inf max hiding NaN scores (the compare in
+            // max16 can drop a NaN); a NaN that max16 drops beside finite scores turns the sum NaN below.
+            bool nan_row = std::isnan(mx) || std::isnan(m_old);
+            if (!nan_row && m_new == NEG_INF)
+              for (int64_t j = 0; j < nw; ++j) nan_row |= std::isnan(sr[j]);
+            if (nan_row) {
               m[t0 + r] = l[t0 + r] = std::numeric_limits<float>::quiet_NaN();
               std::fill(sr, sr + nw, 0.0f);
               continue;
