@@ -42,8 +42,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, *, prefix_l
             generator (``torch.manual_seed`` makes it reproducible) and replayed exactly in backward.
         return_lse: also return lse [B, Hq, L] float32 (natural log; -inf for a row that sees no key).
         backend: "auto" (one rule table, ``ptv2_fast.ops.backends.AUTO_RULES``, from measurements: Triton on
-            CUDA tensors; on CPU tensors the fused C++ extension, built on first use, except bfloat16
-            inference, which runs "sdpa"; the reference for float64 or when nothing else can run),
+            CUDA tensors; on CPU tensors the fused C++ extension, built on first use; the reference for
+            float64 or when nothing else can run),
             "triton", "sdpa" (the sequence through PyTorch's fused attention kernels, the prefix through
             ours, merged exactly: ``ptv2_fast.ops.sdpa``), "cpp" (CPU) or "reference". "cuda" is refused:
             CUDA's native kernel is the decode op. Each backend draws its own dropout stream (reproducible

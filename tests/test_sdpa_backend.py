@@ -265,24 +265,26 @@ def test_auto_follows_the_one_rule_table():
         assert set(rule.backends) <= set(backends.BACKENDS) - {"auto"} and rule.evidence
     for dt in (F32, BF16, F16):
         assert ptv2_fast.resolve_backend("auto", "cpu", dt) == backends.auto_rule("cpu", dt).backends[0] == "cpp"
-    # inference: bfloat16 measured faster through the vendor kernel
-    assert ptv2_fast.resolve_backend("auto", "cpu", BF16, grad=False) == "sdpa"
-    assert ptv2_fast.resolve_backend("auto", "cpu", F32, grad=False) == "cpp"
+    assert ptv2_fast.resolve_backend("auto", "cpu", BF16, grad=False) == "cpp"
     assert ptv2_fast.resolve_backend("auto", "cpu", torch.float64) == "reference"
     assert backends.auto_rule("cuda", BF16).backends[0] == "triton"  # until a GPU run has measured sdpa
     assert backends.auto_rule("mps", F32).backends == ("reference",)
 
 
 @needs_ext
-def test_auto_decides_inference_and_training_separately():
+def test_a_rule_can_hold_for_inference_only(monkeypatch):
     from ptv2_fast.benchmarks.host import count_device_work
+    from ptv2_fast.ops import backends
 
+    rows = (backends.AutoRule("cpu", (BF16,), ("sdpa", "cpp"), "test row", grad=False), *backends.AUTO_RULES)
+    monkeypatch.setattr(backends, "AUTO_RULES", rows)
+    monkeypatch.setattr(backends, "_auto_rules", {})
     tensors, idx, kw, dout, _ = make_problem(Case(P=7, T=3, Hkv=2, mask="kv_lens", dtype=BF16), "cpu")
     with torch.no_grad(), count_device_work() as c:
-        ptv2_fast.prefix_attention(*tensors, idx, **kw)
+        ptv2_fast.prefix_attention(*tensors, idx, **kw)  # inference: the sdpa row
     assert c["aten"].get("_scaled_dot_product_flash_attention_for_cpu") == 1, c["aten"]
     with count_device_work() as c:
-        ptv2_fast.prefix_attention(*tensors, idx, **kw)  # differentiable: the fused C++ kernel
+        ptv2_fast.prefix_attention(*tensors, idx, **kw)  # differentiable: the next row, the fused C++ kernel
     assert c["aten"].get("prefix_attention_fwd") == 1, c["aten"]
 
 

@@ -85,13 +85,11 @@ class AutoRule:
 # backend="auto", decided in one place. First matching row wins; a device or dtype no row names gets the
 # concatenating reference.
 AUTO_RULES = (
-    AutoRule("cpu", (torch.bfloat16,), ("sdpa", "cpp", "reference"),
-             "cpu-ext preset, bf16, 2 threads, 2026-12-01 (bench_cpu-ext_bf16.json): forward of sdpa 0.58x the "
-             "fused C++ kernel's time at the SmolLM2-like shape, 0.97x at the MiniLM-like one", grad=False),
     AutoRule("cpu", (torch.float32, torch.bfloat16), ("cpp", "reference"),
-             "cpu-ext preset, 2 threads, 2026-12-01 (bench_cpu-ext.json, bench_cpu-ext_bf16.json): the fused C++ "
-             "kernel beats sdpa in forward+backward at both shapes (fp32 0.80x / 0.76x sdpa's time, bf16 "
-             "0.26x / 0.76x), and in fp32 forward (0.87x / 0.90x)"),
+             "cpu-ext preset, 2 threads, 2026-12-01 (benchmarks/results/bench_cpu-ext.json, bench_cpu-ext_bf16.json): "
+             "forward+backward, per-round median against sdpa_precat, cpp 0.99 / 0.82 vs sdpa 1.19 / 0.99 (fp32), "
+             "cpp 0.30 / 0.65 vs sdpa 1.10 / 0.79 (bf16); forward cpp 1.19 / 0.86 vs sdpa 1.26 / 0.93 (fp32), a tie "
+             "in bf16 (1.54 / 0.93 vs 1.53 / 0.96; an earlier, noisier run had sdpa ahead at the second shape)"),
     AutoRule("cpu", (torch.float16,), ("cpp", "reference"),
              "sdpa runs float16 on the CPU through the fused C++ kernel anyway (see ops/sdpa.py)"),
     AutoRule("cuda", EXT_DTYPES, ("triton", "reference"),
@@ -150,9 +148,9 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None
             grad: bool = True) -> str:
     """The concrete backend name for a request, or a clear error when it cannot run on ``device``.
 
-    ``auto``: the table ``AUTO_RULES`` (today: Triton on CUDA tensors; on CPU tensors the fused C++ kernel,
-    except bfloat16 inference, where ``sdpa`` measured faster; the concatenating reference for float64 or where
-    none of them can run). ``grad``: whether the call will be differentiated."""
+    ``auto``: the table ``AUTO_RULES`` (today: Triton on CUDA tensors, the fused C++ kernel on CPU tensors, the
+    concatenating reference for float64 or where neither can run). ``grad``: whether the call will be
+    differentiated (a row may hold for training or inference only)."""
     if backend == "auto":
         return _auto(device, dtype, grad)
     if backend not in BACKENDS:
