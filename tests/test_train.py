@@ -250,9 +250,11 @@ def test_short_multi_task_run_learns_checkpoints_resumes_and_predicts(tmp_path):
     res = train(cfg, log=lambda *_: None)
     best = res["best"]
     assert best["dev_accuracy"]["topic"] > res["chance"]["topic"] + 0.2, res
-    for f in ("prefix.safetensors", "head.safetensors", "ptv2_train.json", "resume.pt",
-              "peft/sentiment/adapter_config.json", "peft/topic/adapter_model.safetensors"):
-        assert (tmp_path / "run" / f).is_file(), f
+    assert (tmp_path / "run" / "ptv2_train.json").is_file()
+    for f in ("prefix.safetensors", "head.safetensors", "peft/sentiment/adapter_config.json",
+              "peft/topic/adapter_model.safetensors"):
+        assert (tmp_path / "run" / "best" / f).is_file(), f
+    assert [p.name for p in (tmp_path / "run").glob("last-*/resume.pt")] == ["resume.pt"]
     # resume: a second epoch continues the same run
     res2 = train(TrainConfig(**{**cfg.__dict__, "epochs": 2, "resume": True}), log=lambda *_: None)
     assert [h["epoch"] for h in res2["history"]] == [1, 2]
@@ -275,7 +277,7 @@ def test_token_classification_run_learns_and_tags_every_word(tmp_path):
     res = train(cfg, log=lambda *_: None)
     assert res["kind"] == "token_cls"
     assert res["best"]["dev_accuracy"]["pos"] > res["chance"]["pos"] + 0.3, res
-    assert (tmp_path / "pos" / "head.safetensors").is_file()  # the token classifier is saved
+    assert (tmp_path / "pos" / "best" / "head.safetensors").is_file()  # the token classifier is saved
     pred = Predictor.load(tmp_path / "pos")
     tags = pred.predict(["the dog walked in the park", ["the", "farmers", "will", "walk"]], "pos")
     assert [len(t) for t in tags] == [6, 4] and all(t in pred.tasks[0].labels for row in tags for t in row)
@@ -342,8 +344,8 @@ def test_causal_lm_run_steers_generation_per_row(tmp_path, tiny_llama, capsys):
                             out_dir=str(out), epochs=16, patience=16, batch_size=16, lr=3e-2, max_new_tokens=4,
                             progress=False), log=lambda *_: None)
     assert res["kind"] == "causal_lm" and res["best"]["mean"] > 0.95, res
-    assert not (out / "head.safetensors").exists()  # only the bank trains
-    adapter = json.loads((out / "peft" / "no" / "adapter_config.json").read_text())
+    assert not (out / "best" / "head.safetensors").exists()  # only the bank trains
+    adapter = json.loads((out / "best" / "peft" / "no" / "adapter_config.json").read_text())
     assert adapter["task_type"] == "CAUSAL_LM" and adapter["peft_type"] == "PREFIX_TUNING"
     pred = Predictor.load(out)
     got = pred.predict(["the dog number 7", "the dog number 7", "the big big big dog number 70", ""],
@@ -426,7 +428,7 @@ def test_two_processes_follow_one_process_over_the_same_global_batch(tmp_path, p
     # in another order) leave a few such elements apart by about 1e-5
     atol = 1e-4 if parallel == "ddp-tokens" else 1e-5
     for name in ("prefix.safetensors", "head.safetensors"):
-        a, b = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
+        a, b = load_file(str(tmp_path / "one" / "best" / name)), load_file(str(tmp_path / "two" / "best" / name))
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=atol)
 
@@ -442,6 +444,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
                 progress=False)
     train(TrainConfig(**base, batch_size=8, out_dir=str(tmp_path / "big")), log=lambda *_: None)
     train(TrainConfig(**base, batch_size=4, grad_accum=2, out_dir=str(tmp_path / "acc")), log=lambda *_: None)
-    a, b = load_file(str(tmp_path / "big" / "prefix.safetensors")), load_file(str(tmp_path / "acc" / "prefix.safetensors"))
+    a = load_file(str(tmp_path / "big" / "best" / "prefix.safetensors"))
+    b = load_file(str(tmp_path / "acc" / "best" / "prefix.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

@@ -32,6 +32,7 @@ class TrainConfig:
     n_train: int = 600
     n_dev: int = 200
     resume: bool = False
+    overwrite: bool = False  # replace a run already in out_dir (refused otherwise, unless resume)
     progress: bool = True
     model_dropout: float | None = None  # override every dropout of the encoder (e.g. 0 for exact comparisons)
     fsdp: bool = False  # under torchrun: shard the model with FSDP2 instead of replicating it (DDP)

@@ -1,13 +1,12 @@
 """The resume state of a training run: ``resume.pt`` (optimizer, RNG states, history) beside
-``last_prefix.safetensors`` / ``last_head.safetensors`` (the last epoch's weights).
+``prefix.safetensors`` / ``head.safetensors`` (the last epoch's weights), all in the run's ``last``
+checkpoint folder (``run_folder``: written as a unit with the best checkpoint and verified before loading).
 
-``resume.pt`` is read with ``weights_only=True`` (no pickled code ever runs) and written under a temporary
-name, fsynced and renamed, so a kill mid-write never leaves a half file under its name.
+``resume.pt`` is read with ``weights_only=True``: no pickled code ever runs.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -35,16 +34,13 @@ def _as_rng_state(s):
     return (s[0], tuple(s[1]), s[2]) if isinstance(s, (list, tuple)) and len(s) == 3 else s
 
 
-def save_resume(out: Path, state, opt, rng, history, best, epoch, stale):
+def save_resume(folder: Path, state, opt, rng, history, best, epoch, stale) -> None:
+    """Write the last epoch's weights (``state``: (bank, head) state dicts) and ``resume.pt`` into ``folder``
+    (a staging folder that ``RunFolder.commit`` seals and renames into place)."""
     from safetensors.torch import save_file
 
-    save_file(state[0], str(out / "last_prefix.safetensors"))
+    save_file(state[0], str(folder / "prefix.safetensors"))
     if state[1] is not None:
-        save_file(state[1], str(out / "last_head.safetensors"))
-    # written under a temporary name and renamed: a kill mid-write never leaves a half file as resume.pt
-    tmp = out / f".resume.pt.{os.getpid()}.tmp"
+        save_file(state[1], str(folder / "head.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                "history": history, "best": best, "epoch": epoch, "stale": stale}, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / "resume.pt")
+                "history": history, "best": best, "epoch": epoch, "stale": stale}, folder / "resume.pt")

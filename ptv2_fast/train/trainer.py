@@ -5,16 +5,16 @@ One frozen model, one bank of per-task prefixes (``ptv2_fast.hf.patch_model``) a
 classifier over the joint label space of all tasks, so tasks with different label sets share one mixed
 batch. Only the prefix bank and the classifier train.
 
-Checkpoints (``out_dir``): ``prefix.safetensors`` (the bank), ``head.safetensors`` (the classifier; none for
-causal LM), ``peft/<task>/`` (each task's prefix as a PEFT prefix-tuning adapter), ``ptv2_train.json`` (the
-run's settings, tasks, label names and metrics) and ``resume.pt`` with ``last_*.safetensors`` (the last epoch's
-state and optimizer, for ``resume=True``). ``Predictor`` loads them for inference.
+Checkpoints (``out_dir``, written as a unit by ``run_folder.RunFolder``): ``ptv2_train.json`` (the manifest
+and the run's settings, tasks, label names and metrics), the best epoch's folder (``best/`` links to it:
+``prefix.safetensors`` the bank, ``head.safetensors`` the classifier (none for causal LM), ``peft/<task>/`` each
+task's prefix as a PEFT prefix-tuning adapter) and the last epoch's (the same weights with ``resume.pt``, the
+optimizer and RNG states, for ``resume=True``). ``Predictor`` loads the best for inference.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -29,6 +29,7 @@ from .config import TrainConfig, check_config
 from .data import load_task
 from .kinds import for_tasks
 from .resume import load_resume_state, save_resume
+from .run_folder import RunFolder, RunFolderError
 from .synthetic import Task
 
 ENCODERS = ("bert", "roberta")  # bidirectional: refused for causal-LM tasks unless configured as decoders
@@ -127,13 +128,13 @@ def evaluate(model, tok, kind, max_len: int = 64, batch_size: int = 64, dtype=No
     return acc
 
 
-def _save(out: Path, model, state, cfg: TrainConfig, tasks: list[Task], history: list[dict], best: dict):
-    """``state``: (bank, head) state dicts, whole and on the CPU."""
+def _save_best(out: Path, model, state, cfg: TrainConfig, tasks: list[Task]):
+    """Write the best checkpoint's files into the staging folder ``out``. ``state``: (bank, head) state dicts,
+    whole and on the CPU."""
     from safetensors.torch import save_file
 
     from ..hf.peft import save_peft_adapter
 
-    out.mkdir(parents=True, exist_ok=True)
     prefix_state, head_state = state
     save_file(prefix_state, str(out / "prefix.safetensors"))
     if head_state is not None:
@@ -149,10 +150,28 @@ def _save(out: Path, model, state, cfg: TrainConfig, tasks: list[Task], history:
         save_peft_adapter(bank, i, str(out / "peft" / task.name), model.config,
                           task_type="CAUSAL_LM" if task.kind == "causal_lm" else "FEATURE_EXTRACTION",
                           base_model_name_or_path=model_path(cfg.model))
-    meta = {"config": dataclasses.asdict(cfg),
+
+
+def _record(cfg: TrainConfig, tasks: list[Task], history: list[dict], best: dict, epoch: int) -> dict:
+    """The run's record in the manifest: settings, tasks with their label names, history, best, the last
+    finished epoch (1-based)."""
+    return {"config": dataclasses.asdict(cfg),
             "tasks": [{"name": t.name, "labels": t.labels, "kind": t.kind} for t in tasks],
-            "history": history, "best": best}
-    (out / "ptv2_train.json").write_text(json.dumps(meta, indent=2))
+            "history": history, "best": best, "epoch": epoch}
+
+
+# settings a resumed run must share with the run it continues (the others may change, e.g. --epochs)
+RESUME_KEYS = ("model", "tasks", "prefix_len", "projection", "seed", "n_train", "n_dev", "batch_size", "grad_accum",
+               "dtype", "max_len")
+
+
+def _check_resume_settings(cfg: TrainConfig, manifest: dict, out: Path) -> None:
+    saved = manifest.get("config", {})
+    now = dataclasses.asdict(cfg)
+    differ = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
+    if differ:
+        raise RunFolderError(f"--resume: the run in {out} was started with other settings ({'; '.join(differ)}); "
+                             "resume with the same ones, or start a new run with --overwrite or another --out")
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -162,6 +181,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.dtype not in AUTOCAST:
         raise ValueError(f"dtype must be one of {list(AUTOCAST)}, got {cfg.dtype!r}")
     check_config(cfg)
+    run = RunFolder(cfg.out_dir)
+    manifest = run.check_claim(resume=cfg.resume, overwrite=cfg.overwrite)  # before any work, in every process
+    if manifest is not None:
+        _check_resume_settings(cfg, manifest, run.root)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     st = distributed.setup()
@@ -183,7 +206,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.fsdp and cfg.resume:
         raise ValueError("resume is not supported with fsdp yet (the optimizer state is sharded)")
     runner = distributed.wrap(model, st, fsdp=cfg.fsdp)  # before the optimizer: FSDP2 replaces the parameters
-    sharded = cfg.fsdp and st.world > 1
     head = _head(model) if kind.has_head else None
     head_params = list(head.parameters()) if head is not None else []
     head_ids = {id(p) for p in head_params}
@@ -195,21 +217,38 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if st.world > 1 and len(examples) < cfg.batch_size:
         raise ValueError(f"{len(examples)} training examples do not fill one global batch of {cfg.batch_size}")
     rng = random.Random(cfg.seed)
-    out = Path(cfg.out_dir)
+    if st.main:
+        run.lock()  # one writer per folder; released when this function returns or the process dies
+    try:
+        return _train_epochs(cfg, run, manifest, st, tasks, kind, tok, model, runner, head, opt, examples, rng, log,
+                             start)
+    finally:
+        run.unlock()
+
+
+def _train_epochs(cfg, run, manifest, st, tasks, kind, tok, model, runner, head, opt, examples, rng, log, start):
+    out = run.root
+    sharded = cfg.fsdp and st.world > 1
     history, best, first_epoch, stale = [], {"mean": -1.0}, 0, 0
-    if cfg.resume and (out / "resume.pt").is_file():
+    if cfg.resume and manifest is not None and "last" in manifest.get("checkpoints", {}):
         from safetensors.torch import load_file
 
+        last = run.checkpoint("last", manifest)  # every file checked against the manifest first
         # on the CPU: torch.set_rng_state needs a CPU tensor; load_state_dict moves optimizer state to the params
-        state = load_resume_state(out / "resume.pt")
-        model.ptv2_prefix.load_state_dict(load_file(str(out / "last_prefix.safetensors"), device=str(st.device)))
+        state = load_resume_state(last / "resume.pt")
+        model.ptv2_prefix.load_state_dict(load_file(str(last / "prefix.safetensors"), device=str(st.device)))
         if head is not None:
-            head.load_state_dict(load_file(str(out / "last_head.safetensors"), device=str(st.device)))
+            head.load_state_dict(load_file(str(last / "head.safetensors"), device=str(st.device)))
         opt.load_state_dict(state["optimizer"])
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])  # dropout masks continue, not replay epoch 1's
         history, best, first_epoch, stale = state["history"], state["best"], state["epoch"] + 1, state["stale"]
         log(f"resumed after epoch {first_epoch} (best mean dev accuracy {best['mean']:.3f})")
+    elif cfg.resume and manifest is not None:
+        raise RunFolderError(f"--resume: the run in {out} saved no resume state (runs sharded with FSDP save only "
+                             "their best checkpoint); start again with --overwrite")
+    elif cfg.resume:
+        log(f"nothing to resume in {out}: starting the run")
     dtype = AUTOCAST[cfg.dtype]
     # fp16 autocast needs loss scaling (its gradients underflow); a disabled scaler is a pass-through
     scaler = torch.amp.GradScaler(st.device.type, enabled=cfg.dtype == "fp16")
@@ -258,20 +297,23 @@ def train(cfg: TrainConfig, log=print) -> dict:
             ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" (mean {mean:.3f})")
         # collective under FSDP: every process gathers
         state = (distributed.full_state(model.ptv2_prefix), distributed.full_state(head) if head is not None else None)
+        staged = {}
         if mean > best["mean"]:
             best, stale = {"epoch": epoch + 1, "dev_accuracy": acc, "mean": mean}, 0
             if st.main:
-                _save(out, model, state, cfg, tasks, history, best)
+                _save_best(staged.setdefault("best", run.stage("best")), model, state, cfg, tasks)
         else:
             stale += 1
         if st.main and not sharded:
-            save_resume(out, state, opt, rng, history, best, epoch, stale)
+            save_resume(staged.setdefault("last", run.stage("last")), state, opt, rng, history, best, epoch, stale)
+        if staged:  # the best and the last checkpoint of this epoch become current together, or neither does
+            run.commit(staged, _record(cfg, tasks, history, best, epoch + 1))
     seconds = time.perf_counter() - start
     if st.main:
-        meta = json.loads((out / "ptv2_train.json").read_text())
-        meta.update(history=history, seconds=seconds, processes=st.world,
-                    parallel="fsdp2" if sharded else ("ddp" if st.world > 1 else "none"))
-        (out / "ptv2_train.json").write_text(json.dumps(meta, indent=2))
+        record = _record(cfg, tasks, history, best, len(history))
+        record.update(seconds=seconds, processes=st.world,
+                      parallel="fsdp2" if sharded else ("ddp" if st.world > 1 else "none"))
+        run.update_record(record)
     distributed.teardown(st)
     return {"best": best, "history": history, "seconds": seconds, "tasks": [t.name for t in tasks],
             "kind": kind.name, "metric": kind.metric_name(), "chance": {t.name: kind.baseline(t) for t in tasks}}
@@ -318,8 +360,13 @@ class Predictor:
         """``device``: where to run (default: the first GPU when there is one, else the CPU)."""
         from safetensors.torch import load_file
 
-        out = Path(out_dir)
-        meta = json.loads((out / "ptv2_train.json").read_text())
+        run = RunFolder(out_dir)
+        meta = run.read_manifest()
+        if meta is None:
+            raise RunFolderError(f"{out_dir} holds no ptv2_fast run (no {run.root / 'ptv2_train.json'})")
+        # the best checkpoint, every file checked against the manifest; the flat layout of earlier versions
+        # (no manifest, nothing to check against) is read as it is
+        out = run.root if meta.get("legacy") else run.checkpoint("best", meta)
         cfg = TrainConfig(**{k: v for k, v in meta["config"].items() if k in TrainConfig.__dataclass_fields__})
         tasks = [Task(t["name"], t["labels"], kind=t.get("kind", "seq_cls")) for t in meta["tasks"]]
         kind = for_tasks(tasks)
